@@ -1,0 +1,41 @@
+"""uexamples: unlearnable examples for Hugging Face image datasets.
+
+>>> import uexamples as ue
+>>> sorted(ue.list_methods())
+['cuda', 'em', 'rem', 'sem']
+"""
+
+__version__ = "0.1.0"
+
+from .core import (  # noqa: E402
+    ColumnError,
+    ImageDecodeError,
+    NotFittedError,
+    Protector,
+    get_method,
+    list_methods,
+)
+from .data import load_sample_dataset  # noqa: E402
+from .methods import CUDAProtect, EMProtect, REMProtect, SEMProtect  # noqa: E402
+
+
+def protector(method: str, **kwargs) -> Protector:
+    """Build a protector by method name: ``ue.protector("sem", epsilon=8/255, seed=0)``."""
+    return get_method(method)(**kwargs)
+
+
+__all__ = [
+    "__version__",
+    "ColumnError",
+    "ImageDecodeError",
+    "NotFittedError",
+    "Protector",
+    "get_method",
+    "list_methods",
+    "load_sample_dataset",
+    "protector",
+    "CUDAProtect",
+    "EMProtect",
+    "REMProtect",
+    "SEMProtect",
+]

@@ -1,0 +1,214 @@
+"""The ``uexamples`` command.
+
+    uexamples protect --method sem --output out/            # the embedded CIFAR-10 sample
+    uexamples protect --dataset user/images --split train --method cuda --output out/   # key from UEXAMPLES_CUDA_KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+
+from . import __version__
+from .core.columns import ColumnError
+from .core.images import ImageDecodeError, NativeImage, load_pil
+from .core.protector import check_epsilon
+from .core.registry import get_method, list_methods
+from .evaluation.metrics import image_quality
+from .preview import save_preview
+
+logger = logging.getLogger("uexamples")
+KEY_ENV = "UEXAMPLES_CUDA_KEY"
+
+
+class CLIError(Exception):
+    """A user error reported in one line, without a traceback."""
+
+
+def load_any_dataset(name: str | None, config: str | None, split: str) -> datasets.Dataset:
+    """A Hub id, a local dataset repo folder, a ``save_to_disk`` folder, or (None) the embedded sample."""
+    if name is None:
+        from .data import load_sample_dataset
+
+        return load_sample_dataset(split)
+    path = Path(name)
+    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise CLIError(f"split {split!r} not in {name} (splits: {list(ds)})")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except ValueError as exc:
+        raise CLIError(f"cannot load split {split!r} of {name}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise CLIError(f"dataset {name!r} not found (a Hub id, a local folder, or a save_to_disk folder): {exc}") from exc
+
+
+def parse_key(raw: str | None) -> int | None:
+    if raw is None:
+        raw = os.environ.get(KEY_ENV)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise CLIError("the CUDA key must be an integer") from None  # never echo the value
+
+
+def build_protector(args: argparse.Namespace):
+    try:
+        klass = get_method(args.method)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    kwargs: dict[str, Any] = {"seed": args.seed}
+    if args.method == "cuda":
+        key = parse_key(args.key)
+        if key is None:
+            raise CLIError(f"the cuda method needs a private integer key: --key K or the {KEY_ENV} environment variable")
+        kwargs["key"] = key
+        if args.epsilon is not None:
+            raise CLIError("cuda has no L-inf bound; drop --epsilon")
+    else:
+        if args.epsilon is not None:
+            kwargs["epsilon"] = check_epsilon(args.epsilon)
+        if args.surrogate:
+            kwargs["surrogate"] = args.surrogate
+    for name in ("image_column", "label_column"):
+        if getattr(args, name):
+            kwargs[name] = getattr(args, name)
+    if args.device:
+        kwargs["device"] = args.device
+    return klass(preset=args.preset, **kwargs)
+
+
+def summarise(original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int = 2000) -> dict:
+    """L-inf over every image; PSNR and SSIM averaged over the first ``limit`` images."""
+    raw_o = original.cast_column(image_column, datasets.Image(decode=False))
+    raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
+    linf, psnrs, ssims = 0, [], []
+    for start in range(0, len(raw_o), 500):
+        cells_o = raw_o[start : start + 500][image_column]
+        cells_p = raw_p[start : start + 500][image_column]
+        for i, (co, cp) in enumerate(zip(cells_o, cells_p)):
+            o = NativeImage.from_pil(load_pil(co, row=start + i))
+            p = NativeImage.from_pil(load_pil(cp, row=start + i))
+            lo, lp = o.levels, p.levels  # for P images: the shown colours, not palette indices
+            q = image_quality(lo, lp, o.maxval) if start + i < limit else {"linf": int(np.abs(lo.astype(np.int64) - lp).max())}
+            linf = max(linf, q["linf"])
+            if "psnr" in q:
+                psnrs.append(q["psnr"])
+                ssims.append(q["ssim"])
+    finite = [v for v in psnrs if np.isfinite(v)]
+    return {
+        "linf_levels": linf,
+        "mean_psnr": float(np.mean(finite)) if finite else float("inf"),
+        "mean_ssim": float(np.mean(ssims)) if ssims else 1.0,
+        "quality_images": len(psnrs),
+    }
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    out_dir = Path(args.output)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise CLIError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
+    ds = load_any_dataset(args.dataset, args.config, args.split)
+    if len(ds) == 0:
+        raise CLIError("the dataset is empty (0 rows): nothing to protect")
+    protector = build_protector(args)
+    columns = protector.columns_for(ds.features)
+    started = time.time()
+    protector.fit(ds, progress=not args.quiet)
+    fit_s = time.time() - started
+    t0 = time.time()
+    protected = protector.apply(ds, batch_size=args.map_batch_size, load_from_cache_file=False)
+    map_s = time.time() - t0
+    # Write into a temporary folder and move it into place only when everything succeeded.
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    protected.save_to_disk(str(tmp / "dataset"))
+    protector.save_pretrained(tmp / "protector")
+    stats = summarise(ds, protected, columns.image)
+    summary = {
+        "uexamples_version": __version__,
+        "method": protector.method,
+        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
+        "split": args.split,
+        "images": len(ds),
+        "fit_seconds": round(fit_s, 2),
+        "map_seconds": round(map_s, 2),
+        "seconds": round(time.time() - started, 2),
+        "config": protector.public_config(),
+        **stats,
+    }
+    if protector.method == "cuda":
+        summary["config"]["surrogate"] = None
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    save_preview(ds, protected, columns.image, tmp / "preview.png")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    bound = "none (CUDA is unbounded)" if protector.config.epsilon is None else f"{round(protector.config.epsilon * 255)}/255"
+    print(
+        f"protected {summary['images']} images with {protector.method.upper()} in {summary['seconds']:.1f} s "
+        f"(fit {fit_s:.1f} s, map {map_s:.1f} s)\n"
+        f"  L-inf {stats['linf_levels']} levels (bound {bound}), mean PSNR {stats['mean_psnr']:.2f} dB, "
+        f"mean SSIM {stats['mean_ssim']:.4f}\n"
+        f"  dataset: {out_dir / 'dataset'}  (load with datasets.load_from_disk)\n"
+        f"  preview: {out_dir / 'preview.png'}\n  summary: {out_dir / 'summary.json'}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uexamples", description="Make image datasets unlearnable.")
+    parser.add_argument("--version", action="version", version=f"uexamples {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("protect", help="protect a dataset split and save it (lossless PNG/TIFF)")
+    p.add_argument("--dataset", help="Hub id, local dataset folder or save_to_disk folder (default: embedded sample)")
+    p.add_argument("--config", help="dataset configuration name")
+    p.add_argument("--split", default="train")
+    p.add_argument("--method", default="sem", help=f"one of {', '.join(list_methods())}")
+    p.add_argument("--epsilon", type=float, help="L-inf bound as a fraction of the range (default 8/255)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="fast", choices=["fast", "paper"])
+    p.add_argument("--surrogate", help="built-in name, Hub model id or local folder")
+    p.add_argument("--key", help=f"CUDA private key (prefer the {KEY_ENV} environment variable)")
+    p.add_argument("--image-column")
+    p.add_argument("--label-column")
+    p.add_argument("--device")
+    p.add_argument("--map-batch-size", type=int, default=256)
+    p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_protect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        datasets.disable_progress_bars()
+    try:
+        return args.func(args)
+    except (CLIError, ColumnError, ImageDecodeError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"uexamples: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

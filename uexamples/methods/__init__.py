@@ -1,0 +1,9 @@
+"""One module per method; importing this package registers them all."""
+
+from .cuda import CUDAProtect
+from .em import EMProtect
+from .minmin import MinMinConfig, MinMinProtector
+from .rem import REMProtect
+from .sem import SEMProtect
+
+__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SEMProtect"]

@@ -1,0 +1,54 @@
+"""Preview picture: clean | protected | amplified noise, one row per sample image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+
+from .core.images import NativeImage, load_pil
+
+
+def _rgb(levels: np.ndarray, maxval: int) -> np.ndarray:
+    x = levels.astype(np.float64) / maxval
+    if x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    return x.transpose(1, 2, 0)
+
+
+def preview_grid(pairs: list[tuple[NativeImage, NativeImage]], cell: int = 96, gap: int = 4) -> PIL.Image.Image:
+    """A white sheet with one row per (original, protected) pair; the noise is scaled to fill [0, 255]."""
+    rows = []
+    for orig, prot in pairs:
+        a, b = _rgb(orig.levels, orig.maxval), _rgb(prot.levels, prot.maxval)
+        diff = b - a
+        scale = np.abs(diff).max()
+        noise = 0.5 + 0.5 * diff / scale if scale > 0 else np.full_like(diff, 0.5)
+        tiles = []
+        for img in (a, b, noise):
+            tile = PIL.Image.fromarray(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), "RGB")
+            w, h = tile.size
+            s = cell / max(w, h)
+            tiles.append(tile.resize((max(1, round(w * s)), max(1, round(h * s))), PIL.Image.NEAREST))
+        rows.append(tiles)
+    width = 3 * cell + 4 * gap
+    sheet = PIL.Image.new("RGB", (width, len(rows) * (cell + gap) + gap), "white")
+    for r, tiles in enumerate(rows):
+        for c, tile in enumerate(tiles):
+            sheet.paste(tile, (gap + c * (cell + gap), gap + r * (cell + gap)))
+    return sheet
+
+
+def save_preview(
+    original: datasets.Dataset, protected: datasets.Dataset, image_column: str, path: str | Path, n: int = 6
+) -> Path:
+    """Save the preview of the first ``n`` images (columns: clean | protected | amplified noise)."""
+    n = min(n, len(original))
+    raw_o = original.cast_column(image_column, datasets.Image(decode=False))[:n][image_column]
+    raw_p = protected.cast_column(image_column, datasets.Image(decode=False))[:n][image_column]
+    pairs = [(NativeImage.from_pil(load_pil(o)), NativeImage.from_pil(load_pil(p))) for o, p in zip(raw_o, raw_p)]
+    path = Path(path)
+    preview_grid(pairs).save(path, format="PNG")
+    return path
