@@ -86,6 +86,8 @@ def build_protector(args: argparse.Namespace):
             kwargs["epsilon"] = check_epsilon(args.epsilon)
         if args.surrogate:
             kwargs["surrogate"] = args.surrogate
+        if args.train_steps is not None:
+            kwargs["train_steps"] = args.train_steps
     for name in ("image_column", "label_column"):
         if getattr(args, name):
             kwargs[name] = getattr(args, name)
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="fast", choices=["fast", "paper"])
     p.add_argument("--surrogate", help="built-in name, Hub model id or local folder")
+    p.add_argument("--train-steps", type=int, help="surrogate fit steps (overrides the preset)")
     p.add_argument("--key", help=f"CUDA private key (prefer the {KEY_ENV} environment variable)")
     p.add_argument("--image-column")
     p.add_argument("--label-column")

@@ -158,7 +158,7 @@ class NativeImage:
         else:
             q = self.quantize(new_color, bound)
             if mode == "I;16":
-                out = PIL.Image.fromarray(q[0].astype(np.uint16), mode="I;16")
+                out = PIL.Image.fromarray(q[0].astype(np.uint16))  # uint16 -> "I;16"
             elif mode == "L":
                 out = PIL.Image.fromarray(q[0].astype(np.uint8), mode="L")
             elif mode == "LA":

@@ -74,6 +74,20 @@ def sample_key(native: NativeImage, seed: int) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+_IMPORT_PID = os.getpid()
+
+
+def _single_thread_in_worker() -> None:
+    """In a worker process (``map(num_proc=...)``), run torch on one thread.
+
+    A worker forked after the parent used torch's OpenMP pool deadlocks on its first parallel
+    region (libgomp is not fork-safe); one thread per worker avoids it, and one process per core
+    is what ``num_proc`` is for.
+    """
+    if os.getpid() != _IMPORT_PID:  # forked after import: datasets' multiprocess pool
+        torch.set_num_threads(1)
+
+
 class Protector:
     """Base class of every protection method.
 
@@ -254,11 +268,13 @@ class Protector:
         # Only config and fitted arrays: stable across processes, cheap to hash, no live model object.
         # Secrets (the CUDA key) are not in it: workers get the derived arrays (the filters) instead.
         state = self._state()
-        state["arrays"] = self._fitted_arrays() if self.fitted else {}
+        arrays = self._fitted_arrays() if self.fitted else {}
+        state["arrays"] = {k: arrays[k] for k in sorted(arrays)}  # canonical order, as safetensors stores it
         state["columns"] = dataclasses.asdict(self._columns) if self._columns else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        _single_thread_in_worker()
         self.config = self.config_class(**state["config"])
         self.fitted = state["fitted"]
         self.num_classes = state["num_classes"]
@@ -286,7 +302,7 @@ class Protector:
         state["columns"] = dataclasses.asdict(self._columns) if self._columns else None
         (path / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         arrays = self._saved_arrays() if self.fitted else {}
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path / WEIGHTS_NAME))
+        save_file({k: np.require(v, requirements="C") for k, v in arrays.items()}, str(path / WEIGHTS_NAME))
         return path
 
     @classmethod

@@ -71,7 +71,7 @@ def train_victim(
     """SGD (momentum 0.9, one-cycle schedule) with random crop + flip, from scratch; clean-test accuracy per epoch."""
     torch.manual_seed(seed)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    model = BUILTIN[arch](num_classes)
+    model = BUILTIN[arch](num_classes).to(memory_format=torch.channels_last)  # faster on CPU
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     steps_per_epoch = (len(train_x) + batch_size - 1) // batch_size

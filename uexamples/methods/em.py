@@ -40,8 +40,8 @@ PAPER = dict(
     stop_at_train_accuracy=0.99,
 )
 FAST = dict(
-    surrogate="smallcnn", train_steps=150, train_batch_size=128, lr=0.1, lr_decay_every=100_000,
-    noise_steps=5, eot_draws=1, step_size=2 / 255, final_noise_steps=10, final_eot_draws=1,
+    surrogate="tinycnn", train_steps=150, train_batch_size=128, lr=0.1, lr_decay_every=100_000,
+    noise_steps=5, eot_draws=1, step_size=2 / 255, final_noise_steps=20, final_eot_draws=1,
     stop_at_train_accuracy=0.99,
 )
 

@@ -75,6 +75,11 @@ class MinMinConfig(ProtectorConfig):
     max_fit_samples: int | None = None
 
 
+def to_fast_layout(model: nn.Module) -> nn.Module:
+    """channels_last: 1.4-1.6x faster convolutions on CPU (measured in benchmarks/speed.py)."""
+    return model.to(memory_format=torch.channels_last)
+
+
 def pgd_ascent(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int, init: torch.Tensor
 ) -> torch.Tensor:
@@ -109,6 +114,8 @@ class MinMinProtector(AdditiveProtector):
     def working_resolution(self) -> int:
         if self.config.resolution:
             return int(self.config.resolution)
+        if self._runtime.get("resolution"):
+            return int(self._runtime["resolution"])
         desc = self._runtime.get("desc") or {}
         if desc.get("kind") == "transformers":
             return int(desc["size"][0])
@@ -134,9 +141,8 @@ class MinMinProtector(AdditiveProtector):
         desc = meta["surrogate"]
         model = rebuild_surrogate(desc, self._surrogate_module)
         load_state_arrays(model, arrays)
-        self._runtime.update(desc=desc, model=model.to(self.device).eval(), arrays_cache=dict(arrays))
-        if self.config.resolution is None:
-            self.config.resolution = meta.get("resolution")
+        self._runtime.update(desc=desc, model=to_fast_layout(model.to(self.device)).eval(), arrays_cache=dict(arrays))
+        self._runtime["resolution"] = meta.get("resolution")
 
     def _accept_runtime_kwargs(self, kwargs: dict[str, Any], state: dict[str, Any]) -> None:
         module = kwargs.pop("surrogate", None)
@@ -240,7 +246,7 @@ class MinMinProtector(AdditiveProtector):
         self._runtime = {"desc": desc}
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress)
         dev = self.device
-        model = model.to(dev)
+        model = to_fast_layout(model.to(dev))
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)

@@ -6,8 +6,8 @@ adversarial training, but about 9x dearer than SEM (561 passes per image and ste
 
 >>> import uexamples as ue
 >>> protect = ue.REMProtect(train_steps=1, adv_steps=1, final_noise_steps=1)
->>> protect.passes_per_sample_step()
-22
+>>> protect.passes_per_sample_step()  # 3 noise steps x (1 PGD + 1) + (1 PGD + 1 SGD)
+8
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from .sem import FAST as SEM_FAST
 from .sem import PAPER as SEM_PAPER
 
 PAPER = dict(SEM_PAPER)  # same schedule as SEM; only the inner step differs
-FAST = dict(SEM_FAST, noise_steps=3, eot_draws=1, final_noise_steps=5, final_eot_draws=1)
+FAST = dict(SEM_FAST, train_steps=150, noise_steps=3, final_noise_steps=5)
 
 
 @register_method

@@ -1,0 +1,133 @@
+"""Effectiveness: does a fresh victim trained on the protected train split fail on the clean test split?
+
+For each method: fit + map the whole train split (timed), then train a victim from scratch on the
+protected images and report its clean-test accuracy (final and best epoch) next to the clean
+baseline trained in the same run with the same recipe.
+
+    python benchmarks/effectiveness.py --dataset ../shared/datasets/cifar10-10k --methods em,sem,cuda
+    python benchmarks/effectiveness.py --dataset ../shared/datasets/retinamnist --methods em,sem,cuda --epochs 20
+
+Results go to benchmarks/results/effectiveness_<dataset>.json; ``--table`` prints the Markdown table
+of every results file (pasted into benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+import uexamples as ue
+from uexamples.evaluation import dataset_to_tensors, train_victim
+
+RESULTS = Path(__file__).parent / "results"
+CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
+
+
+def make_protector(method: str, preset: str, seed: int):
+    if method == "cuda":
+        return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, preset=preset)
+    if method == "em-classwise":
+        return ue.EMProtect(preset=preset, seed=seed, noise_type="class-wise")
+    return ue.get_method(method)(preset=preset, seed=seed)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    name = Path(args.dataset).name
+    train = datasets.load_dataset(args.dataset, split="train")
+    test = datasets.load_dataset(args.dataset, split="test")
+    if args.limit:
+        train = train.select(range(min(args.limit, len(train))))
+    test_x, test_y = dataset_to_tensors(test)
+    victim = dict(arch=args.victim, epochs=args.epochs, lr=args.lr, seed=args.seed, progress=not args.quiet)
+
+    clean_x, clean_y = dataset_to_tensors(train)
+    clean = train_victim(clean_x, clean_y, test_x, test_y, desc="clean victim", **victim)
+    print(f"[{name}] clean: final {clean.final_accuracy:.4f} best {clean.best_accuracy:.4f}", flush=True)
+    report = {
+        "dataset": name,
+        "train_images": len(train),
+        "test_images": len(test),
+        "preset": args.preset,
+        "victim": {k: v for k, v in victim.items() if k != "progress"},
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "clean": clean.to_dict(),
+        "methods": {},
+    }
+    for method in args.methods.split(","):
+        protector = make_protector(method, args.preset, args.seed)
+        t0 = time.time()
+        protector.fit(train, progress=not args.quiet)
+        fit_s = time.time() - t0
+        t1 = time.time()
+        protected = train.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
+        map_s = time.time() - t1
+        px, py = dataset_to_tensors(protected)
+        linf = int(((px - clean_x).abs().max() * 255).round())
+        res = train_victim(px, py, test_x, test_y, desc=f"{method} victim", **victim)
+        report["methods"][method] = {
+            "fit_seconds": round(fit_s, 1),
+            "map_seconds": round(map_s, 1),
+            "generation_seconds": round(fit_s + map_s, 1),
+            "linf_levels": linf,
+            "fit_stats": getattr(protector, "fit_stats", None),
+            "victim": res.to_dict(),
+        }
+        print(
+            f"[{name}] {method}: generation {fit_s + map_s:.0f} s, victim final {res.final_accuracy:.4f} "
+            f"best {res.best_accuracy:.4f} (clean {clean.final_accuracy:.4f})",
+            flush=True,
+        )
+        out = RESULTS / f"effectiveness_{name}.json"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table() -> str:
+    lines = [
+        "| dataset | method | generation (s) | L-inf | victim final | victim best (epoch) | clean final | clean best |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for path in sorted(RESULTS.glob("effectiveness_*.json")):
+        rep = json.loads(path.read_text())
+        c = rep["clean"]
+        for method, m in rep["methods"].items():
+            v = m["victim"]
+            lines.append(
+                f"| {rep['dataset']} ({rep['train_images']} train) | {method} | {m['generation_seconds']:.0f} | "
+                f"{m['linf_levels']} | {100 * v['final_accuracy']:.1f} % | {100 * v['best_accuracy']:.1f} % ({v['best_epoch']}) | "
+                f"{100 * c['final_accuracy']:.1f} % | {100 * c['best_accuracy']:.1f} % |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-10k"))
+    p.add_argument("--methods", default="em,sem,cuda")
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--victim", default="convnet")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the table of all committed results and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

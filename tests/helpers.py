@@ -1,0 +1,53 @@
+import os
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+datasets.disable_progress_bars()
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# Cheap settings for tests: a real fit, but only a few steps of everything.
+TINY_MINMIN = dict(surrogate="tinycnn", train_steps=3, train_batch_size=32, noise_steps=2, eot_draws=2,
+                   adv_steps=1, final_noise_steps=2, final_eot_draws=2)
+
+
+def shared_dataset(name: str, split: str = "train") -> datasets.Dataset:
+    path = SHARED / "datasets" / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is not available")
+    return datasets.load_dataset(str(path), split=split)
+
+
+def random_image(mode: str, size: tuple[int, int], seed: int) -> PIL.Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode == "I;16":
+        return PIL.Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    if mode == "P":
+        img = PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+        return img.quantize(colors=64, method=PIL.Image.Quantize.MEDIANCUT)
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+    arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    return PIL.Image.fromarray(arr[:, :, 0] if channels == 1 else arr, mode)
+
+
+@pytest.fixture(scope="session")
+def sample_ds():
+    import uexamples as ue
+
+    return ue.load_sample_dataset()
+
+
+@pytest.fixture(scope="session")
+def small_ds(sample_ds):
+    """40 real CIFAR images, 4 per class."""
+    labels = np.array(sample_ds["label"])
+    idx = sorted(np.concatenate([np.where(labels == c)[0][:4] for c in range(10)]).tolist())
+    return sample_ds.select(idx)

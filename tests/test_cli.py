@@ -1,0 +1,69 @@
+"""The `uexamples protect` command end to end, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import datasets
+import numpy as np
+import pytest
+
+from uexamples.cli import main
+
+from helpers import SHARED, shared_dataset
+
+pytestmark = pytest.mark.integration
+
+
+def test_protect_cuda_on_embedded_sample(tmp_path, capsys, monkeypatch):
+    key = "918273645546372819"
+    monkeypatch.setenv("UEXAMPLES_CUDA_KEY", key)
+    out = tmp_path / "out"
+    assert main(["protect", "--method", "cuda", "--output", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 500 and summary["method"] == "cuda"
+    assert summary["mean_psnr"] > 5 and 0 < summary["mean_ssim"] < 1
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert len(ds) == 500 and ds[0]["image"].size == (32, 32)
+    assert (out / "preview.png").read_bytes()[:4] == b"\x89PNG"
+    for f in [*out.rglob("*")]:
+        if f.is_file():
+            assert key.encode() not in f.read_bytes(), f
+    assert key not in printed.out + printed.err
+
+
+def test_protect_sem_on_shared_grayscale_dataset(tmp_path):
+    src = shared_dataset("breastmnist")
+    out = tmp_path / "bm"
+    cmd = [sys.executable, "-m", "uexamples.cli", "protect", "--dataset", str(SHARED / "datasets" / "breastmnist"),
+           "--method", "sem", "--train-steps", "4", "--epsilon", str(8 / 255), "--output", str(out), "--quiet"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 546 and summary["linf_levels"] <= 8
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds[0]["image"].mode == "L"
+    diff = np.abs(np.asarray(ds[0]["image"], int) - np.asarray(src[0]["image"], int))
+    assert 0 < diff.max() <= 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "nope"], "unknown method"),
+        (["--method", "sem", "--epsilon", "0"], "epsilon"),
+        (["--method", "sem", "--epsilon", "2"], "epsilon"),
+        (["--method", "cuda"], "key"),
+        (["--method", "cuda", "--key", "abc"], "integer"),
+        (["--method", "sem", "--dataset", "/nonexistent/dataset"], "not found"),
+    ],
+)
+def test_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("UEXAMPLES_CUDA_KEY", raising=False)
+    code = main(["protect", *argv, "--output", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert not (tmp_path / "o").exists(), "no partial output"
+    assert "abc" not in err  # a bad key is never echoed

@@ -1,0 +1,254 @@
+"""The datasets.map protocol: columns, fit, determinism, fingerprints, save/load, bad input."""
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+
+import uexamples as ue
+from uexamples.core.columns import ColumnError
+
+from helpers import TINY_MINMIN, random_image
+
+pytestmark = pytest.mark.unit
+
+
+def pixels(ds):
+    return np.stack([np.asarray(im, dtype=np.int64) for im in ds["image"]])
+
+
+def png_bytes(ds):
+    raw = ds.cast_column("image", datasets.Image(decode=False))
+    return [c["bytes"] for c in raw["image"]]
+
+
+@pytest.fixture(scope="module")
+def sem(small_ds):
+    return ue.SEMProtect(seed=0, **TINY_MINMIN).fit(small_ds, progress=False)
+
+
+# ---------------------------------------------------------------- determinism
+def test_same_seed_same_bytes(small_ds, sem):
+    again = ue.SEMProtect(seed=0, **TINY_MINMIN).fit(small_ds, progress=False)
+    a = small_ds.map(sem, batched=True, load_from_cache_file=False)
+    b = small_ds.map(again, batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+    other = ue.SEMProtect(seed=1, **TINY_MINMIN).fit(small_ds, progress=False)
+    c = small_ds.map(other, batched=True, load_from_cache_file=False)
+    assert not np.array_equal(pixels(a), pixels(c))
+
+
+def test_noise_independent_of_batch_size(small_ds, sem):
+    a = pixels(small_ds.map(sem, batched=True, batch_size=40, load_from_cache_file=False))
+    b = pixels(small_ds.map(sem, batched=True, batch_size=7, load_from_cache_file=False))
+    # per-image seeded randomness: only float non-determinism of batched convolutions may differ
+    assert (a != b).mean() < 0.01 and np.abs(a - b).max() <= 16
+
+
+@pytest.mark.parametrize("noise_type", ["sample-wise", "class-wise"])
+def test_em_variants_deterministic(small_ds, noise_type):
+    make = lambda: ue.EMProtect(seed=3, noise_type=noise_type, **TINY_MINMIN).fit(small_ds, progress=False)  # noqa: E731
+    a = small_ds.map(make(), batched=True, load_from_cache_file=False)
+    b = small_ds.map(make(), batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+    if noise_type == "class-wise":  # one noise per class: two same-class images get the same noise
+        d = pixels(a) - pixels(small_ds)
+        labels = np.array(small_ds["label"])
+        i, j = np.where(labels == 0)[0][:2]
+        unclipped = (pixels(small_ds)[i] > 8) & (pixels(small_ds)[i] < 247) & (pixels(small_ds)[j] > 8) & (pixels(small_ds)[j] < 247)
+        assert np.array_equal(d[i][unclipped], d[j][unclipped])
+
+
+def test_cuda_key_changes_output(small_ds):
+    a = small_ds.map(ue.CUDAProtect(key=11, num_classes=10), batched=True, load_from_cache_file=False)
+    b = small_ds.map(ue.CUDAProtect(key=11, num_classes=10), batched=True, load_from_cache_file=False)
+    c = small_ds.map(ue.CUDAProtect(key=12, num_classes=10), batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+    assert not np.array_equal(pixels(a), pixels(c))
+
+
+def test_cuda_is_the_papers_filter(small_ds):
+    prot = ue.CUDAProtect(key=5).fit(small_ds, progress=False)
+    f = prot.filters
+    assert f.shape == (10, 3, 3)
+    assert np.all((f == 1.0).sum(axis=(1, 2)) == 1) and np.all(f[f != 1.0] < 0.3) and np.all(f >= 0)
+    # reference: one image, convolved channel by channel with numpy, divided by its max
+    img = small_ds[0]["image"]
+    x = np.asarray(img, dtype=np.float64).transpose(2, 0, 1) / 255
+    k = f[small_ds[0]["label"]].astype(np.float64)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    ref = sum(k[a, b] * xp[:, a : a + 32, b : b + 32] for a in range(3) for b in range(3))
+    ref = np.rint(ref / ref.max() * 255).transpose(1, 2, 0)
+    out = small_ds.select([0]).map(prot, batched=True, load_from_cache_file=False)[0]["image"]
+    assert np.abs(np.asarray(out, dtype=np.int64) - ref).max() <= 1
+
+
+# ---------------------------------------------------------------- fingerprints
+FP_SCRIPT = textwrap.dedent(
+    """
+    import sys, json, datasets
+    import uexamples as ue
+    from datasets.fingerprint import Hasher
+    ds = ue.load_sample_dataset().select(range(20))
+    p = ue.SEMProtect.from_pretrained(sys.argv[1])
+    unfitted = ue.SEMProtect(seed=4)
+    cuda = ue.CUDAProtect(key=77, num_classes=10)
+    out = ds.map(p, batched=True)
+    print(json.dumps([Hasher.hash(p), Hasher.hash(unfitted), Hasher.hash(cuda), out._fingerprint]))
+    """
+)
+
+
+@pytest.mark.integration
+def test_fingerprint_equal_in_two_fresh_processes(sem, tmp_path):
+    sem.save_pretrained(tmp_path / "p")
+    script = tmp_path / "fp.py"
+    script.write_text(FP_SCRIPT)
+    runs = [subprocess.run([sys.executable, str(script), str(tmp_path / "p")], capture_output=True, text=True, check=True) for _ in range(2)]
+    first, second = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert first == second
+    assert len(set(first[:3])) == 3
+
+
+def test_fingerprint_ignores_model_mode_and_changes_with_state(small_ds, sem):
+    before = sem.fingerprint
+    sem._model().train()
+    sem._model().eval()
+    assert sem.fingerprint == before
+    assert ue.SEMProtect(seed=0, **TINY_MINMIN).fingerprint != before  # unfitted differs
+    assert ue.CUDAProtect(key=1, num_classes=10).fingerprint != ue.CUDAProtect(key=2, num_classes=10).fingerprint
+
+
+# ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("kind", ["sem", "em-classwise", "rem"])
+def test_saved_and_reloaded_protector_gives_identical_output(small_ds, tmp_path, kind):
+    if kind == "sem":
+        prot = ue.SEMProtect(seed=0, **TINY_MINMIN)
+    elif kind == "rem":
+        prot = ue.REMProtect(seed=0, **TINY_MINMIN)
+    else:
+        prot = ue.EMProtect(seed=0, noise_type="class-wise", **TINY_MINMIN)
+    prot.fit(small_ds, progress=False)
+    prot.save_pretrained(tmp_path / kind)
+    files = sorted(p.name for p in (tmp_path / kind).iterdir())
+    assert files == ["protector.safetensors", "protector_config.json"]
+    loaded = ue.Protector.from_pretrained(tmp_path / kind)
+    assert type(loaded) is type(prot) and loaded.fingerprint == prot.fingerprint
+    a = small_ds.map(prot, batched=True, load_from_cache_file=False)
+    b = small_ds.map(loaded, batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+
+
+def test_cuda_key_never_saved_and_required_on_load(small_ds, tmp_path):
+    key = 987654321987
+    prot = ue.CUDAProtect(key=key).fit(small_ds, progress=False)
+    prot.save_pretrained(tmp_path / "c")
+    for f in (tmp_path / "c").iterdir():
+        assert str(key).encode() not in f.read_bytes()
+    assert str(key) not in repr(prot)
+    assert str(key) not in json.dumps(prot.public_config())
+    with pytest.raises(ValueError, match="key"):
+        ue.Protector.from_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match="wrong key"):
+        ue.Protector.from_pretrained(tmp_path / "c", key=key + 1)
+    loaded = ue.Protector.from_pretrained(tmp_path / "c", key=key)
+    a = small_ds.map(prot, batched=True, load_from_cache_file=False)
+    b = small_ds.map(loaded, batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+
+
+def test_num_proc_map_matches_single_process(small_ds, sem):
+    a = small_ds.map(sem, batched=True, load_from_cache_file=False)
+    b = small_ds.map(sem, batched=True, num_proc=2, load_from_cache_file=False)
+    assert np.abs(pixels(a) - pixels(b)).max() <= 16 and (pixels(a) != pixels(b)).mean() < 0.01
+
+
+# ---------------------------------------------------------------- columns
+def test_columns_detected_and_overridable(small_ds):
+    ds = small_ds.rename_column("image", "picture").rename_column("label", "category")
+    ds = ds.add_column("other_label", [0] * len(ds))
+    prot = ue.CUDAProtect(key=3)
+    cols = prot.columns_for(ds.features)
+    assert cols.image == "picture" and cols.label == "category"
+    prot2 = ue.CUDAProtect(key=3, label_column="other_label").fit(ds, progress=False)
+    assert prot2.num_classes == 1
+    out = ds.map(prot2, batched=True, load_from_cache_file=False)
+    assert out.column_names == ds.column_names and out["category"] == ds["category"]
+
+
+# ---------------------------------------------------------------- bad input
+def test_unfitted_call_is_clear_error(small_ds):
+    with pytest.raises(ue.NotFittedError, match="fit"):
+        small_ds.map(ue.SEMProtect(), batched=True)
+
+
+def test_corrupt_image_names_the_row(small_ds, sem):
+    raw = small_ds.cast_column("image", datasets.Image(decode=False))
+    cells = list(raw["image"])
+    cells[7] = {"bytes": b"\x89PNG\r\n\x1a\n this is not an image", "path": None}
+    bad = datasets.Dataset.from_dict({"image": cells, "label": list(raw["label"])}, features=raw.features)
+    bad = bad.cast_column("image", datasets.Image())
+    with pytest.raises(ue.ImageDecodeError, match="row 7"):
+        sem.apply(bad)
+    with pytest.raises(ue.ImageDecodeError, match="row 7"):
+        ue.SEMProtect(**TINY_MINMIN).fit(bad, progress=False)
+
+
+def test_empty_dataset(small_ds):
+    with pytest.raises(ValueError, match="empty"):
+        ue.SEMProtect().fit(small_ds.select([]))
+
+
+def test_no_image_column():
+    ds = datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
+    with pytest.raises(ColumnError, match="no image column"):
+        ue.CUDAProtect(key=1).fit(ds)
+
+
+def test_no_label_column_points_to_label_agnostic(small_ds):
+    ds = small_ds.remove_columns("label")
+    with pytest.raises(ColumnError, match="label-agnostic"):
+        ue.EMProtect().fit(ds)
+
+
+@pytest.mark.parametrize("eps", [0, -0.1, 1.5, float("nan")])
+def test_epsilon_outside_range(eps):
+    with pytest.raises(ValueError, match="epsilon"):
+        ue.SEMProtect(epsilon=eps)
+
+
+def test_unknown_method_and_options():
+    with pytest.raises(ValueError, match="unknown method 'foo'.*sem"):
+        ue.protector("foo")
+    with pytest.raises(TypeError, match="unknown option"):
+        ue.SEMProtect(epsilom=0.1)
+    with pytest.raises(ValueError, match="preset"):
+        ue.SEMProtect(preset="turbo")
+
+
+@pytest.mark.parametrize("key", ["123", 1.5, True, None])
+def test_cuda_key_must_be_integer(key):
+    with pytest.raises((TypeError, ValueError), match="key"):
+        ue.CUDAProtect(key=key)
+
+
+def test_labels_out_of_range(small_ds, sem):
+    ds = small_ds.cast_column("label", datasets.Value("int64")).map(lambda b: {"label": [12] * len(b["label"])}, batched=True)
+    with pytest.raises(ValueError, match="outside"):
+        ds.map(sem, batched=True, load_from_cache_file=False)
+
+
+def test_unsupported_mode_is_clear():
+    img = PIL.Image.fromarray(np.zeros((4, 4), np.float32))  # mode F
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}], "label": [0]},
+                                    features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)}))
+    with pytest.raises(ue.ImageDecodeError, match="mode 'F'"):
+        ds.map(ue.CUDAProtect(key=1, num_classes=2), batched=True)
