@@ -1,0 +1,105 @@
+"""Speed: images per second of fit and map for each method, and the min-min engine's overhead.
+
+Overhead = wall time / (forward+backward passes the algorithm needs x measured time of one surrogate
+forward+backward at that batch size). 1.0 means the engine costs nothing beyond the surrogate's own
+compute; the target is at most 1.5.
+
+    python benchmarks/speed.py --images 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+import uexamples as ue
+from uexamples.methods.minmin import to_fast_layout
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def time_pass(model: torch.nn.Module, batch: int, num_classes: int, repeats: int = 10) -> float:
+    """Seconds of one forward+backward (gradient to the input, as in the noise phase) at ``batch``."""
+    model = to_fast_layout(model).eval()
+    x = torch.rand(batch, 3, 32, 32)
+    y = torch.randint(0, num_classes, (batch,))
+
+    def once():
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(model(xx), y), xx)
+
+    for _ in range(3):
+        once()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        once()
+    return (time.perf_counter() - t) / repeats
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    train = datasets.load_dataset(args.dataset, split="train").select(range(args.images))
+    report = {
+        "dataset": Path(args.dataset).name,
+        "images": args.images,
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "methods": {},
+    }
+    for method in args.methods.split(","):
+        prot = ue.CUDAProtect(key=42) if method == "cuda" else ue.get_method(method)(preset="fast", seed=0)
+        t0 = time.perf_counter()
+        prot.fit(train, progress=False)
+        fit_s = time.perf_counter() - t0
+        fit_passes = getattr(prot, "passes", 0)
+        t1 = time.perf_counter()
+        train.map(prot, batched=True, batch_size=512, load_from_cache_file=False)
+        map_s = time.perf_counter() - t1
+        entry = {
+            "fit_seconds": round(fit_s, 2),
+            "map_seconds": round(map_s, 2),
+            "fit_images_per_s": round(args.images / fit_s, 1),
+            "map_images_per_s": round(args.images / map_s, 1),
+        }
+        if method != "cuda":
+            cfg = prot.config
+            model = prot._model()
+            t_fit = time_pass(model, cfg.train_batch_size, prot.num_classes)
+            t_map = time_pass(model, min(cfg.batch_size, args.images), prot.num_classes)
+            steps = prot.fit_stats["steps"]
+            ideal_fit = steps * prot.passes_per_sample_step() * t_fit
+            map_batches = args.images / min(cfg.batch_size, args.images)
+            ideal_map = map_batches * prot.passes_per_mapped_image() * t_map
+            entry.update(
+                passes_per_sample_step=prot.passes_per_sample_step(),
+                passes_per_mapped_image=prot.passes_per_mapped_image(),
+                passes_counted_in_fit_per_step=round(fit_passes / steps / cfg.train_batch_size, 2),
+                seconds_per_pass_fit_batch=round(t_fit, 5),
+                seconds_per_pass_map_batch=round(t_map, 5),
+                fit_overhead=round(prot.fit_stats["seconds"] / ideal_fit, 3),
+                map_overhead=round(map_s / ideal_map, 3),
+            )
+        report["methods"][method] = entry
+        print(method, json.dumps(entry), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-10k"))
+    p.add_argument("--methods", default="cuda,em,sem,rem")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=2)
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
