@@ -7,6 +7,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
 
 from .core.images import NativeImage, load_pil
 
@@ -34,10 +35,14 @@ def preview_grid(pairs: list[tuple[NativeImage, NativeImage]], cell: int = 96, g
             tiles.append(tile.resize((max(1, round(w * s)), max(1, round(h * s))), PIL.Image.NEAREST))
         rows.append(tiles)
     width = 3 * cell + 4 * gap
-    sheet = PIL.Image.new("RGB", (width, len(rows) * (cell + gap) + gap), "white")
+    header = 16
+    sheet = PIL.Image.new("RGB", (width, header + len(rows) * (cell + gap) + gap), "white")
+    draw = PIL.ImageDraw.Draw(sheet)
+    for c, title in enumerate(("clean", "protected", "noise (x amp)")):
+        draw.text((gap + c * (cell + gap) + 2, 2), title, fill="black")
     for r, tiles in enumerate(rows):
         for c, tile in enumerate(tiles):
-            sheet.paste(tile, (gap + c * (cell + gap), gap + r * (cell + gap)))
+            sheet.paste(tile, (gap + c * (cell + gap), header + gap + r * (cell + gap)))
     return sheet
 
 
