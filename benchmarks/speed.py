@@ -92,13 +92,34 @@ def run(args) -> dict:
     return report
 
 
+def table() -> str:
+    rep = json.loads((RESULTS / "speed.json").read_text())
+    lines = [
+        f"{rep['images']} images of {rep['dataset']}, {rep['machine']['cpu_threads']} CPU threads, preset fast.",
+        "",
+        "| method | fit img/s | map img/s | passes/img/step (fit) | passes/img (map) | fit overhead | map overhead |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, m in rep["methods"].items():
+        lines.append(
+            f"| {method} | {m['fit_images_per_s']} | {m['map_images_per_s']} | {m.get('passes_per_sample_step', '-')} | "
+            f"{m.get('passes_per_mapped_image', '-')} | {m.get('fit_overhead', '-')} | {m.get('map_overhead', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", action="store_true", help="print the table of the committed results and exit")
     p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-10k"))
     p.add_argument("--methods", default="cuda,em,sem,rem")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    run(args)
 
 
 if __name__ == "__main__":
