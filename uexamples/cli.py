@@ -42,7 +42,8 @@ def load_any_dataset(name: str | None, config: str | None, split: str) -> datase
 
         return load_sample_dataset(split)
     path = Path(name)
-    if path.is_dir() and (path / "dataset_info.json").exists() or (path / "state.json").exists():
+    saved_by_datasets = (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+    if path.is_dir() and saved_by_datasets:
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
