@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -21,12 +22,17 @@ import torch.nn.functional as F
 
 import uexamples as ue
 from uexamples.methods.minmin import to_fast_layout
+from uexamples.surrogates import build_surrogate
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def time_pass(model: torch.nn.Module, batch: int, num_classes: int, repeats: int = 10) -> float:
-    """Seconds of one forward+backward (gradient to the input, as in the noise phase) at ``batch``."""
+def time_pass(model: torch.nn.Module, batch: int, num_classes: int, repeats: int = 15) -> float:
+    """Seconds of one forward+backward (gradient to the input, as in the noise phase) at ``batch``.
+
+    The median of ``repeats`` timings: this shared 2-core machine's speed drifts by 10-15 % between
+    runs, and a single mean was dominated by it.
+    """
     model = to_fast_layout(model).eval()
     x = torch.rand(batch, 3, 32, 32)
     y = torch.randint(0, num_classes, (batch,))
@@ -37,10 +43,12 @@ def time_pass(model: torch.nn.Module, batch: int, num_classes: int, repeats: int
 
     for _ in range(3):
         once()
-    t = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t = time.perf_counter()
         once()
-    return (time.perf_counter() - t) / repeats
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def run(args) -> dict:
@@ -54,6 +62,9 @@ def run(args) -> dict:
     }
     for method in args.methods.split(","):
         prot = ue.CUDAProtect(key=42) if method == "cuda" else ue.get_method(method)(preset="fast", seed=0)
+        if method != "cuda":  # pass time of the same (untrained) architecture, just before the run
+            fresh, _ = build_surrogate(prot.config.surrogate, 10)
+            before = (time_pass(fresh, prot.config.train_batch_size, 10), time_pass(fresh, min(prot.config.batch_size, args.images), 10))
         t0 = time.perf_counter()
         prot.fit(train, progress=False)
         fit_s = time.perf_counter() - t0
@@ -70,8 +81,9 @@ def run(args) -> dict:
         if method != "cuda":
             cfg = prot.config
             model = prot._model()
-            t_fit = time_pass(model, cfg.train_batch_size, prot.num_classes)
-            t_map = time_pass(model, min(cfg.batch_size, args.images), prot.num_classes)
+            # mean of the pass time measured just before and just after the run
+            t_fit = (before[0] + time_pass(model, cfg.train_batch_size, prot.num_classes)) / 2
+            t_map = (before[1] + time_pass(model, min(cfg.batch_size, args.images), prot.num_classes)) / 2
             steps = prot.fit_stats["steps"]
             ideal_fit = steps * prot.passes_per_sample_step() * t_fit
             map_batches = args.images / min(cfg.batch_size, args.images)

@@ -1,7 +1,6 @@
 """The `uexamples protect` command end to end, and its errors."""
 
 import json
-import os
 import subprocess
 import sys
 

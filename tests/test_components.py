@@ -28,7 +28,7 @@ def test_image_quality_levels():
     p = o.copy()
     p[0, 0, 0] += 8
     q = image_quality(o, p)
-    assert q["linf"] == 8 and q["changed"] == pytest.approx(1 / 48)
+    assert q["linf"] == 8 and q["changed_values"] == pytest.approx(1 / 48)
 
 
 def test_crop_flip_matches_manual():

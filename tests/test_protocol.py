@@ -14,7 +14,7 @@ import pytest
 import uexamples as ue
 from uexamples.core.columns import ColumnError
 
-from helpers import TINY_MINMIN, random_image
+from helpers import TINY_MINMIN
 
 pytestmark = pytest.mark.unit
 

@@ -16,6 +16,7 @@ from .core import (  # noqa: E402
     list_methods,
 )
 from .data import load_sample_dataset  # noqa: E402
+from .evaluation import EvaluationReport, evaluate  # noqa: E402
 from .methods import CUDAProtect, EMProtect, REMProtect, SEMProtect  # noqa: E402
 
 
@@ -33,6 +34,8 @@ __all__ = [
     "get_method",
     "list_methods",
     "load_sample_dataset",
+    "evaluate",
+    "EvaluationReport",
     "protector",
     "CUDAProtect",
     "EMProtect",

@@ -2,6 +2,7 @@
 
     uexamples protect --method sem --output out/            # the embedded CIFAR-10 sample
     uexamples protect --dataset user/images --split train --method cuda --output out/   # key from UEXAMPLES_CUDA_KEY
+    uexamples evaluate --protected out/ --countermeasures standard,jpeg:10 --epochs 10 --output eval/
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
-import numpy as np
 
 from . import __version__
 from .core.columns import ColumnError
-from .core.images import ImageDecodeError, NativeImage, load_pil
+from .core.images import ImageDecodeError
 from .core.protector import check_epsilon
 from .core.registry import get_method, list_methods
-from .evaluation.metrics import image_quality
+from .evaluation.metrics import dataset_quality
 from .preview import save_preview
 
 logger = logging.getLogger("uexamples")
@@ -97,32 +97,6 @@ def build_protector(args: argparse.Namespace):
     return klass(preset=args.preset, **kwargs)
 
 
-def summarise(original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int = 2000) -> dict:
-    """L-inf over every image; PSNR and SSIM averaged over the first ``limit`` images."""
-    raw_o = original.cast_column(image_column, datasets.Image(decode=False))
-    raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
-    linf, psnrs, ssims = 0, [], []
-    for start in range(0, len(raw_o), 500):
-        cells_o = raw_o[start : start + 500][image_column]
-        cells_p = raw_p[start : start + 500][image_column]
-        for i, (co, cp) in enumerate(zip(cells_o, cells_p)):
-            o = NativeImage.from_pil(load_pil(co, row=start + i))
-            p = NativeImage.from_pil(load_pil(cp, row=start + i))
-            lo, lp = o.levels, p.levels  # for P images: the shown colours, not palette indices
-            q = image_quality(lo, lp, o.maxval) if start + i < limit else {"linf": int(np.abs(lo.astype(np.int64) - lp).max())}
-            linf = max(linf, q["linf"])
-            if "psnr" in q:
-                psnrs.append(q["psnr"])
-                ssims.append(q["ssim"])
-    finite = [v for v in psnrs if np.isfinite(v)]
-    return {
-        "linf_levels": linf,
-        "mean_psnr": float(np.mean(finite)) if finite else float("inf"),
-        "mean_ssim": float(np.mean(ssims)) if ssims else 1.0,
-        "quality_images": len(psnrs),
-    }
-
-
 def cmd_protect(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
@@ -144,7 +118,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     tmp.mkdir(parents=True)
     protected.save_to_disk(str(tmp / "dataset"))
     protector.save_pretrained(tmp / "protector")
-    stats = summarise(ds, protected, columns.image)
+    stats = dataset_quality(ds, protected, columns.image)
     summary = {
         "uexamples_version": __version__,
         "method": protector.method,
@@ -155,6 +129,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
         "map_seconds": round(map_s, 2),
         "seconds": round(time.time() - started, 2),
         "config": protector.public_config(),
+        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
         **stats,
     }
     if protector.method == "cuda":
@@ -173,6 +148,49 @@ def cmd_protect(args: argparse.Namespace) -> int:
         f"  dataset: {out_dir / 'dataset'}  (load with datasets.load_from_disk)\n"
         f"  preview: {out_dir / 'preview.png'}\n  summary: {out_dir / 'summary.json'}"
     )
+    return 0
+
+
+def _load_protected(path: str, split: str) -> tuple[datasets.Dataset, dict | None]:
+    """A ``uexamples protect`` output folder (dataset/ + summary.json) or any dataset; also its summary."""
+    folder = Path(path)
+    if (folder / "summary.json").is_file() and (folder / "dataset").is_dir():
+        return datasets.load_from_disk(str(folder / "dataset")), json.loads((folder / "summary.json").read_text())
+    return load_any_dataset(path, None, split), None
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    protected, summary = _load_protected(args.protected, args.protected_split)
+    source = (summary or {}).get("source") or {}
+    if args.clean is None and not source:
+        raise CLIError("pass --clean (the training split before protection): it is the baseline of the evaluation")
+    clean_name = args.clean if args.clean is not None else source.get("dataset")
+    clean_config = args.clean_config if args.clean is not None else source.get("config")
+    clean_split = args.clean_split or source.get("split") or "train"
+    clean = load_any_dataset(clean_name, clean_config, clean_split)
+    test_name = args.test if args.test is not None else clean_name
+    test = load_any_dataset(test_name, args.test_config if args.test is not None else clean_config, args.test_split)
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    report = evaluate(
+        protected,
+        test,
+        clean=clean,
+        victim=args.victim,
+        countermeasures=args.countermeasures,
+        epochs=args.epochs,
+        seeds=seeds,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        device=args.device or "auto",
+        progress=not args.quiet,
+    )
+    out = report.save(args.output)
+    print(report.to_markdown())
+    print(f"\n  report: {out / 'report.json'}\n  plot: {out / 'curves.png'}\n  table: {out / 'table.md'}")
     return 0
 
 
@@ -199,6 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_protect)
+
+    e = sub.add_parser("evaluate", help="train victims on protected vs clean data, under countermeasures")
+    e.add_argument("--protected", required=True, help="a `uexamples protect` output folder, a save_to_disk folder or a dataset")
+    e.add_argument("--protected-split", default="train")
+    e.add_argument("--clean", help="the training split before protection (default: the source in the protect summary)")
+    e.add_argument("--clean-config")
+    e.add_argument("--clean-split", help="default: the protected split")
+    e.add_argument("--test", help="the clean test set (default: the clean dataset)")
+    e.add_argument("--test-config")
+    e.add_argument("--test-split", default="test")
+    e.add_argument("--victim", default="convnet", help="convnet, resnet18, vit, or a transformers config id/folder")
+    e.add_argument("--countermeasures", default="standard",
+                   help="comma-separated: standard, cutout, mixup, grayscale, jpeg:10, bitdepth:2, blur:1, adv:8/255, partial:0.5")  # fmt: skip
+    e.add_argument("--epochs", type=int, default=15)
+    e.add_argument("--seeds", default="0", help="comma-separated victim seeds")
+    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--lr", type=float)
+    e.add_argument("--image-column")
+    e.add_argument("--label-column", help="train the victim on this label column (label-agnostic check)")
+    e.add_argument("--device")
+    e.add_argument("--output", required=True, help="folder for report.json, curves.png and table.md")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
     return parser
 
 

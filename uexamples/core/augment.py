@@ -6,6 +6,7 @@ crop-with-padding and horizontal flips for a whole batch at once: one gather, no
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -30,18 +31,34 @@ class SampleRandom:
     """Random draws from one generator per sample, keyed by the sample's content.
 
     An image then gets the same noise whatever batch it lands in, whatever the batch size or the
-    number of processes. Costs one small call per sample and draw, negligible next to the passes.
+    number of processes. Each generator fills a buffer of uniforms in large blocks (one call per
+    sample per block, not per draw: per-call overhead was 6 % of SEM's map time); draws are served
+    from the buffers, so a sample's stream depends only on its key and the sequence of requests.
     """
+
+    block = 32768  # uniforms per refill and sample (128 KiB)
 
     def __init__(self, keys: Sequence[int]) -> None:
         self.gens = [torch.Generator().manual_seed(int(k)) for k in keys]
         self.batch = len(self.gens)
+        self._buffer = torch.empty(self.batch, 0)
+        self._pos = 0
+
+    def _uniform(self, count: int) -> torch.Tensor:
+        if self._pos + count > self._buffer.shape[1]:
+            size = max(count, self.block)
+            self._buffer = torch.stack([torch.rand(size, generator=g) for g in self.gens])
+            self._pos = 0
+        out = self._buffer[:, self._pos : self._pos + count]
+        self._pos += count
+        return out
 
     def rand(self, *shape: int) -> torch.Tensor:
-        return torch.stack([torch.rand(shape, generator=g) for g in self.gens])
+        return self._uniform(math.prod(shape)).reshape(self.batch, *shape)
 
     def randint(self, high: int, *shape: int) -> torch.Tensor:
-        return torch.stack([torch.randint(0, high, shape, generator=g) for g in self.gens])
+        u = self._uniform(math.prod(shape)).reshape(self.batch, *shape)
+        return (u * high).long().clamp_(max=high - 1)
 
 
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:

@@ -1,6 +1,25 @@
-"""Evaluation: victim training and image-quality metrics."""
+"""Evaluation: victims trained from scratch under countermeasures, image-quality metrics, reports."""
 
-from .metrics import image_quality, psnr, ssim
-from .victim import VictimResult, dataset_to_tensors, train_victim
+from .countermeasures import COUNTERMEASURES, Countermeasure, CountermeasureError, parse_countermeasure, parse_countermeasures
+from .evaluate import EvaluationError, EvaluationReport, evaluate
+from .metrics import dataset_quality, image_quality, psnr, ssim
+from .victim import VictimResult, build_victim, dataset_to_tensors, train_victim
 
-__all__ = ["image_quality", "psnr", "ssim", "VictimResult", "dataset_to_tensors", "train_victim"]
+__all__ = [
+    "COUNTERMEASURES",
+    "Countermeasure",
+    "CountermeasureError",
+    "parse_countermeasure",
+    "parse_countermeasures",
+    "EvaluationError",
+    "EvaluationReport",
+    "evaluate",
+    "dataset_quality",
+    "image_quality",
+    "psnr",
+    "ssim",
+    "VictimResult",
+    "build_victim",
+    "dataset_to_tensors",
+    "train_victim",
+]

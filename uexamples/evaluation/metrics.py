@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..core.images import NativeImage, load_pil
 
 
 def psnr(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
@@ -39,13 +42,71 @@ def ssim(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
 
 
 def image_quality(original: np.ndarray, protected: np.ndarray, maxval: int = 255) -> dict[str, float]:
-    """L-inf (in levels), PSNR, SSIM and the fraction of changed values of two integer level arrays (C, H, W)."""
+    """Quality of one protected image against its original, both integer level arrays (C, H, W).
+
+    linf: largest change in levels; l2: Euclidean norm of the change in [0, 1] units; psnr, ssim;
+    changed_values: fraction of (pixel, channel) values changed; changed_pixels: fraction of pixels
+    with at least one channel changed.
+
+    >>> o = np.zeros((3, 2, 2), np.uint8); p = o.copy(); p[0, 0, 0] = 3; p[1, 0, 0] = 4
+    >>> q = image_quality(o, p)
+    >>> q["linf"], round(q["l2"] * 255, 6), q["changed_values"], q["changed_pixels"]
+    (4, 5.0, 0.16666666666666666, 0.25)
+    """
     o = np.asarray(original, np.int64)
     p = np.asarray(protected, np.int64)
     diff = np.abs(p - o)
     return {
         "linf": int(diff.max(initial=0)),
+        "l2": float(np.sqrt(np.sum((diff / maxval) ** 2))),
         "psnr": psnr(o / maxval, p / maxval),
         "ssim": ssim(o / maxval, p / maxval),
-        "changed": float((diff > 0).mean()),
+        "changed_values": float((diff > 0).mean()),
+        "changed_pixels": float((diff > 0).any(axis=0).mean()),
+    }
+
+
+def dataset_quality(
+    original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int | None = 2000
+) -> dict[str, float]:
+    """Image quality of a protected split against its original, row by row at the stored pixels.
+
+    L-inf is taken over every image; the other metrics are means over the first ``limit`` images
+    (all when None). PSNR averages the finite values (an unchanged image has infinite PSNR).
+    """
+    if len(original) != len(protected):
+        raise ValueError(f"the protected set has {len(protected)} rows and the original {len(original)}: they must align")
+    raw_o = original.cast_column(image_column, datasets.Image(decode=False))
+    raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
+    limit = len(raw_o) if limit is None else limit
+    linf, rows = 0, []
+    for start in range(0, len(raw_o), 500):
+        cells_o = raw_o[start : start + 500][image_column]
+        cells_p = raw_p[start : start + 500][image_column]
+        for i, (co, cp) in enumerate(zip(cells_o, cells_p)):
+            o = NativeImage.from_pil(load_pil(co, row=start + i), row=start + i)
+            p = NativeImage.from_pil(load_pil(cp, row=start + i), row=start + i)
+            lo, lp = o.levels, p.levels  # for P images: the shown colours, not palette indices
+            if lo.shape != lp.shape:
+                raise ValueError(f"row {start + i}: protected image {lp.shape} and original {lo.shape} differ in size")
+            if start + i < limit:
+                q = image_quality(lo, lp, o.maxval)
+                q["linf_255"] = q["linf"] * 255 / o.maxval
+                rows.append(q)
+                linf = max(linf, q["linf"])
+            else:
+                linf = max(linf, int(np.abs(lo.astype(np.int64) - lp).max(initial=0)))
+    finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
+
+    def mean(key: str, default: float) -> float:
+        return float(np.mean([r[key] for r in rows])) if rows else default
+
+    return {
+        "linf_levels": linf,
+        "mean_l2": mean("l2", 0.0),
+        "mean_psnr": float(np.mean(finite)) if finite else float("inf"),
+        "mean_ssim": mean("ssim", 1.0),
+        "changed_pixels": mean("changed_pixels", 0.0),
+        "changed_values": mean("changed_values", 0.0),
+        "quality_images": len(rows),
     }

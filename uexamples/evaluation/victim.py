@@ -1,21 +1,56 @@
-"""Train a fresh victim from scratch and report its clean-test accuracy per epoch."""
+"""Train a fresh victim from scratch and report its clean-test accuracy per epoch.
+
+Victims: the built-in nets (``"convnet"`` for CPU, ``"resnet18"`` as in the papers, ...), ``"vit"``
+(a small ViT for 32 px images), any transformers image-classification architecture from its config
+(a ``PretrainedConfig``, a dict with ``model_type``, or a Hub id / folder whose config.json is read;
+weights are never loaded: victims start from scratch), or a callable ``num_classes -> nn.Module``.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..core.additive import to_working
 from ..core.augment import BatchRandom, random_crop_flip
 from ..core.columns import detect_columns
-from ..core.images import NativeImage, load_pil
-from ..surrogates import BUILTIN
+from ..core.loading import load_split
+from ..surrogates import BUILTIN, transformers_from_config
+from .countermeasures import Countermeasure
+
+VictimSpec = Any  # str | transformers.PretrainedConfig | dict | Callable[[int], nn.Module]
+
+# A ViT sized for 32x32 images (patch 4 -> 64 tokens), about 2.7 M parameters.
+SMALL_VIT = dict(model_type="vit", image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6,
+                 num_attention_heads=3, intermediate_size=768)  # fmt: skip
+
+
+def build_victim(spec: VictimSpec, num_classes: int, resolution: int = 32) -> nn.Module:
+    """A freshly initialised victim network taking RGB in [0, 1]."""
+    if isinstance(spec, str) and spec in BUILTIN:
+        return BUILTIN[spec](num_classes)
+    if isinstance(spec, str) and spec == "vit":
+        return transformers_from_config(dict(SMALL_VIT, image_size=resolution), num_classes, resolution)
+    if isinstance(spec, nn.Module):
+        raise TypeError("a victim must be trained from scratch: pass a callable num_classes -> nn.Module, not an instance")
+    if callable(spec):
+        return spec(num_classes)
+    if isinstance(spec, (str, dict)) or hasattr(spec, "model_type"):
+        return transformers_from_config(spec, num_classes, resolution)
+    raise ValueError(
+        f"unknown victim {spec!r}: use one of {sorted(BUILTIN) + ['vit']}, a transformers config, or a callable"
+    )
+
+
+def is_transformers_victim(spec: VictimSpec) -> bool:
+    return not (isinstance(spec, str) and spec in BUILTIN) and not callable(spec)
 
 
 def dataset_to_tensors(
@@ -23,14 +58,8 @@ def dataset_to_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode a whole split into (N, 3, R, R) float images in [0, 1] and (N,) labels."""
     cols = detect_columns(ds.features, image_column, label_column, need_label=True, method="a victim")
-    raw = ds.cast_column(cols.image, datasets.Image(decode=False))
-    xs, ys = [], []
-    for start in range(0, len(raw), 1000):
-        rows = raw[start : start + 1000]
-        natives = [NativeImage.from_pil(load_pil(c, row=start + i)) for i, c in enumerate(rows[cols.image])]
-        xs.append(to_working(natives, resolution)[0])
-        ys.append(torch.tensor(rows[cols.label], dtype=torch.long))
-    return torch.cat(xs), torch.cat(ys)
+    split = load_split(ds, cols.image, resolution, cols.label)
+    return split.images, split.labels
 
 
 @dataclass
@@ -46,12 +75,31 @@ class VictimResult:
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, device: str = "cpu") -> float:
     model.eval()
     correct = 0
     for i in range(0, len(x), batch_size):
-        correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        logits = model(x[i : i + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == y[i : i + batch_size]).sum())
     return correct / max(1, len(x))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def warmup_cosine(total_steps: int, warmup: float = 0.25) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over the first 25 % of the steps, then cosine to zero."""
+    warm = max(1, int(warmup * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+
+    return factor
 
 
 def train_victim(
@@ -59,38 +107,59 @@ def train_victim(
     train_y: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    arch: str = "convnet",
+    arch: VictimSpec = "convnet",
     epochs: int = 15,
     batch_size: int = 128,
-    lr: float = 0.05,
+    lr: float | None = None,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    countermeasure: Countermeasure | None = None,
+    clean_x: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device | None = "auto",
     progress: bool = True,
     desc: str = "victim",
+    on_epoch: Callable[[int, float], None] | None = None,
 ) -> VictimResult:
-    """SGD (momentum 0.9, one-cycle schedule) with random crop + flip, from scratch; clean-test accuracy per epoch."""
-    torch.manual_seed(seed)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
-    model = BUILTIN[arch](num_classes).to(memory_format=torch.channels_last)  # faster on CPU
+    """Train ``arch`` from scratch on (train_x, train_y) under ``countermeasure``; clean-test accuracy per epoch.
+
+    Built-in nets: SGD (momentum 0.9, Nesterov, lr 0.05). transformers victims: AdamW
+    (lr 1e-3), which trains ViTs from scratch far better than SGD; both
+    with a warm-up + cosine schedule. Always random crop +
+    flip; the countermeasure adds its preprocessing, its training-set mix and its loss.
+    """
+    cm = countermeasure or Countermeasure()
+    dev = resolve_device(device)
+    torch.manual_seed(seed)  # weight initialisation
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    steps_per_epoch = (len(train_x) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.25)
+    num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    model = build_victim(arch, num_classes, train_x.shape[-1]).to(dev).to(memory_format=torch.channels_last)
+    x_all = cm.preprocess(cm.mix_training_set(train_x, clean_x, gen))
+    if is_transformers_victim(arch):
+        lr = lr or 1e-3
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        lr = lr or 0.05
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    steps_per_epoch = (len(x_all) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch))
     curve: list[float] = []
     start = time.time()
     bar = tqdm(range(epochs), desc=desc, disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         model.train()
-        order = torch.randperm(len(train_x), generator=gen)
-        for i in range(0, len(train_x), batch_size):
+        order = torch.randperm(len(x_all), generator=gen)
+        for i in range(0, len(x_all), batch_size):
             idx = order[i : i + batch_size]
-            x = random_crop_flip(train_x[idx], BatchRandom(gen, len(idx)))
-            loss = F.cross_entropy(model(x), train_y[idx])
+            x = random_crop_flip(x_all[idx], BatchRandom(gen, len(idx))).to(dev)
+            loss = cm.loss(model, x, train_y[idx].to(dev), num_classes, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        curve.append(accuracy(model, test_x, test_y))
+        curve.append(accuracy(model, test_x, test_y, device=dev))
         bar.set_postfix(test_acc=f"{curve[-1]:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, curve[-1])
     best = int(np.argmax(curve))
     return VictimResult(curve[-1], curve[best], best + 1, curve, time.time() - start)

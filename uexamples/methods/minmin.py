@@ -29,10 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.additive import AdditiveProtector, project_grey, to_working
+from ..core.additive import AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
 from ..core.columns import Columns
-from ..core.images import NativeImage, load_pil
+from ..core.loading import load_split
 from ..core.protector import ProtectorConfig
 from ..surrogates import build_surrogate, load_state_arrays, rebuild_surrogate, state_arrays
 
@@ -219,24 +219,9 @@ class MinMinProtector(AdditiveProtector):
         indices = np.arange(n)
         if limit and n > limit:
             indices = np.sort(np.random.default_rng(self.config.seed).choice(n, size=limit, replace=False))
-        raw = dataset.cast_column(columns.image, datasets.Image(decode=False))
-        res = self.working_resolution()
-        xs, greys, ys = [], [], []
-        chunk = 512
-        bar = tqdm(total=len(indices), desc="Loading images", unit="img", disable=not progress)
-        for start in range(0, len(indices), chunk):
-            idx = indices[start : start + chunk]
-            rows = raw[idx.tolist()]
-            natives = [NativeImage.from_pil(load_pil(c, row=int(r)), row=int(r)) for c, r in zip(rows[columns.image], idx)]
-            x, grey = to_working(natives, res)
-            xs.append(x)
-            greys.append(grey)
-            ys.append(torch.tensor(rows[columns.label], dtype=torch.long))
-            bar.update(len(idx))
-        bar.close()
-        y = torch.cat(ys)
-        self._check_labels(y.tolist(), indices.tolist())
-        return torch.cat(xs), torch.cat(greys), y
+        split = load_split(dataset, columns.image, self.working_resolution(), columns.label, indices, progress)
+        self._check_labels(split.labels.tolist(), indices.tolist())
+        return split.images, split.grey, split.labels
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
         cfg = self.config

@@ -24,6 +24,7 @@ from .transformers_models import (
     SurrogateNotAvailable,
     load_transformers_surrogate,
     rebuild_transformers_surrogate,
+    transformers_from_config,
 )
 
 SurrogateSpec = Any  # str (builtin name, Hub id, folder) | torch.nn.Module
@@ -84,4 +85,5 @@ __all__ = [
     "rebuild_surrogate",
     "state_arrays",
     "load_state_arrays",
+    "transformers_from_config",
 ]

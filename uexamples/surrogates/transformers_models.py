@@ -149,3 +149,27 @@ def rebuild_transformers_surrogate(desc: dict) -> PixelSpaceModel:
     config = cls.config_class.from_dict(desc["config"])
     backbone = cls(config)
     return PixelSpaceModel(backbone, desc["mean"], desc["std"], tuple(desc["size"]), desc["num_classes"], desc["own_head"])
+
+
+def transformers_from_config(config: Any, num_classes: int, resolution: int = 32) -> PixelSpaceModel:
+    """A transformers image-classification model built from its config, with random weights.
+
+    ``config``: a ``PretrainedConfig``, a dict with ``model_type``, or a Hub id / folder holding a
+    config.json (only the config is read; no weights are downloaded). Pixels are normalised with
+    mean = std = 0.5 and resized to the config's ``image_size`` when it has one.
+    """
+    import transformers
+
+    if isinstance(config, dict):
+        config = dict(config)
+        config = transformers.AutoConfig.for_model(config.pop("model_type"), **config)
+    elif isinstance(config, str):
+        try:
+            config = transformers.AutoConfig.from_pretrained(config)
+        except Exception as exc:
+            raise SurrogateNotAvailable(f"model config {config!r} could not be loaded: {exc}") from exc
+    config.num_labels = num_classes
+    model = transformers.AutoModelForImageClassification.from_config(config)
+    image_size = getattr(config, "image_size", None) or resolution
+    size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (int(image_size),) * 2
+    return PixelSpaceModel(model, [0.5] * 3, [0.5] * 3, size, num_classes, use_own_head=True)

@@ -1,0 +1,203 @@
+"""The effectiveness matrix: methods x countermeasures, each against the clean baseline of the same run.
+
+Protected training sets are generated once (timed, cached under benchmarks/.cache), then for every
+countermeasure one victim is trained from scratch on the clean training set and one on each
+method's protected set, with the same recipe and seed, and scored on the clean test set.
+
+CPU scale (this 2-core machine; run two halves in parallel, one thread each)::
+
+    python benchmarks/matrix.py --countermeasures standard,cutout,mixup,grayscale,jpeg:10 --part a
+    python benchmarks/matrix.py --countermeasures bitdepth:2,blur:1,adv:4/255,adv:8/255,partial:0.5 --part b
+
+GPU scale (a lent GPU: CIFAR-10 50k JPEG source, CIFAR ResNet-18, the papers' presets)::
+
+    python benchmarks/matrix.py --scale gpu
+
+Results: benchmarks/results/matrix_<dataset>_<part>.json; ``--table`` prints the merged Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import datasets
+import torch
+
+import uexamples as ue
+from uexamples.core.loading import load_split
+from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
+from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+CACHE = HERE / ".cache"
+SHARED = HERE.resolve().parents[1] / "shared" / "datasets"
+CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
+ALL = "standard,cutout,mixup,grayscale,jpeg:10,bitdepth:2,blur:1,adv:4/255,adv:8/255,partial:0.5"
+
+SCALES = {
+    # adversarial training uses 2 PGD steps on CPU (10 in the papers) to fit the machine; see README
+    "cpu": dict(dataset="cifar10-10k", methods="sem,em,cuda", preset="fast", victim="smallcnn", epochs=10,
+                batch_size=128, adv_steps=2, device="cpu"),  # fmt: skip
+    "gpu": dict(dataset="cifar10-jpeg", methods="sem,em,rem,cuda", preset="paper", victim="resnet18", epochs=40,
+                batch_size=128, adv_steps=10, device="cuda"),  # fmt: skip
+}
+
+
+def make_protector(method: str, preset: str, seed: int, device: str):
+    if method == "cuda":
+        return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, preset=preset)
+    return ue.get_method(method)(preset=preset, seed=seed, device=device)
+
+
+def protected_split(train: datasets.Dataset, name: str, method: str, preset: str, seed: int, device: str):
+    """Generate (or reuse from the cache) the protected training split; returns it and its generation record."""
+    folder = CACHE / name / f"{method}-{preset}-seed{seed}-n{len(train)}"
+    record_path = folder / "generation.json"
+    if record_path.is_file():
+        return datasets.load_from_disk(str(folder / "dataset")), json.loads(record_path.read_text())
+    prot = make_protector(method, preset, seed, device)
+    t0 = time.time()
+    prot.fit(train)
+    fit_s = time.time() - t0
+    t1 = time.time()
+    out = train.map(prot, batched=True, batch_size=512, load_from_cache_file=False, desc=f"Protecting ({method})")
+    map_s = time.time() - t1
+    record = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1), "generation_seconds": round(fit_s + map_s, 1),
+              "cpu_threads": torch.get_num_threads(), "fit_stats": getattr(prot, "fit_stats", None)}  # fmt: skip
+    out.save_to_disk(str(folder / "dataset"))
+    record["quality"] = dataset_quality(train, out, "image")
+    record_path.write_text(json.dumps(record, indent=2))
+    return datasets.load_from_disk(str(folder / "dataset")), record
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    scale = dict(SCALES[args.scale])
+    for key in ("dataset", "methods", "victim", "epochs", "adv_steps", "device"):
+        if getattr(args, key) is not None:
+            scale[key] = getattr(args, key)
+    path = Path(scale["dataset"])
+    if not path.is_dir():
+        path = SHARED / scale["dataset"]
+    name = path.name
+    train = datasets.load_dataset(str(path), split="train")
+    test = datasets.load_dataset(str(path), split="test")
+    if args.limit:
+        train = train.select(range(min(args.limit, len(train))))
+    methods = scale["methods"].split(",")
+    generation, protected = {}, {}
+    for m in methods:
+        ds, generation[m] = protected_split(train, name, m, scale["preset"], args.seed, scale["device"])
+        protected[m] = load_split(ds, "image", 32, "label").images
+    if args.generate_only:
+        print(json.dumps(generation, indent=2))
+        return
+    clean = load_split(train, "image", 32, "label")
+    tst = load_split(test, "image", 32, "label")
+    cms = parse_countermeasures(args.countermeasures)
+    for cm in cms:  # CPU scale: fewer PGD steps (stated in the results)
+        if cm.name == "adv" and "steps=" not in args.countermeasures:
+            cm.steps = int(scale["adv_steps"])
+    out_path = RESULTS / f"matrix_{name}_{args.part}.json"
+    report = {
+        "dataset": name,
+        "scale": args.scale,
+        "train_images": len(train),
+        "test_images": len(test),
+        "preset": scale["preset"],
+        "victim": {"arch": scale["victim"], "epochs": scale["epochs"], "batch_size": scale["batch_size"], "seed": args.seed},
+        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+                    "device": str(scale["device"])},  # fmt: skip
+        "generation": generation,
+        "results": {},
+    }
+    victim = dict(arch=scale["victim"], epochs=scale["epochs"], batch_size=scale["batch_size"], seed=args.seed,
+                  device=scale["device"], num_classes=10, progress=not args.quiet)  # fmt: skip
+    clean_cache: dict[str, dict] = {}
+    for cm in cms:
+        base = Countermeasure() if isinstance(cm, PartialProtection) else cm
+        if base.label not in clean_cache:
+            clean_cache[base.label] = train_victim(clean.images, clean.labels, tst.images, tst.labels, countermeasure=base,
+                                                   desc=f"{base.label} | clean", **victim).to_dict()  # fmt: skip
+        row = {"clean": clean_cache[base.label], "methods": {}}
+        for m in methods:
+            res = train_victim(protected[m], clean.labels, tst.images, tst.labels, countermeasure=cm, clean_x=clean.images,
+                               desc=f"{cm.label} | {m}", **victim)  # fmt: skip
+            row["methods"][m] = res.to_dict()
+            print(f"[{cm.label}] {m}: final {res.final_accuracy:.4f} (clean {row['clean']['final_accuracy']:.4f})", flush=True)
+        report["results"][cm.label] = row
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(report, indent=2))
+
+
+def table() -> str:
+    blocks = []
+    for dataset_files in _group(sorted(RESULTS.glob("matrix_*.json"))):
+        reps = [json.loads(p.read_text()) for p in dataset_files]
+        first = reps[0]
+        methods = list(first["generation"])
+        v = first["victim"]
+        gen = ", ".join(f"{m} {first['generation'][m]['generation_seconds']:.0f} s" for m in methods)
+        lines = [
+            f"**{first['dataset']}** ({first['train_images']} train / {first['test_images']} test, {first['scale']} scale, "
+            f"preset {first['preset']}), victim {v['arch']} {v['epochs']} epochs, seed {v['seed']}; generation: {gen}. "
+            "Final-epoch clean-test accuracy (best epoch in brackets); **bold** = at most half the clean baseline.",
+            "",
+            "| countermeasure | clean | " + " | ".join(methods) + " | best method / clean |",
+            "|---|---:|" + "---:|" * len(methods) + "---:|",
+        ]
+        for rep in reps:
+            for label, row in rep["results"].items():
+                c = row["clean"]["final_accuracy"]
+                cells, best = [], 1.0
+                for m in methods:
+                    r = row["methods"].get(m)
+                    if r is None:
+                        cells.append("-")
+                        continue
+                    text = f"{100 * r['final_accuracy']:.1f} ({100 * r['best_accuracy']:.1f})"
+                    cells.append(f"**{text}**" if r["final_accuracy"] <= c / 2 else text)
+                    best = min(best, r["final_accuracy"] / c)
+                lines.append(f"| {label} | {100 * c:.1f} ({100 * row['clean']['best_accuracy']:.1f}) | " + " | ".join(cells) + f" | {best:.2f} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _group(paths):
+    groups: dict[str, list] = {}
+    for p in paths:
+        groups.setdefault(p.stem.rsplit("_", 1)[0], []).append(p)
+    return groups.values()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--dataset")
+    p.add_argument("--methods")
+    p.add_argument("--victim")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--adv-steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--countermeasures", default=ALL)
+    p.add_argument("--part", default="all", help="name of this slice of the matrix (its results file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--generate-only", action="store_true", help="only generate (cache) the protected sets")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

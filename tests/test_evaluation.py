@@ -1,0 +1,271 @@
+"""evaluate(): victims learn, countermeasures do what they say, metrics are right, bad input is refused."""
+
+import io
+import json
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import uexamples as ue
+from uexamples.cli import main
+from uexamples.evaluation import (
+    CountermeasureError,
+    EvaluationError,
+    dataset_quality,
+    image_quality,
+    parse_countermeasure,
+    parse_countermeasures,
+    psnr,
+    train_victim,
+)
+from uexamples.evaluation.countermeasures import PartialProtection
+from uexamples.evaluation.victim import build_victim, dataset_to_tensors
+
+from helpers import shared_dataset
+
+
+def _images(n=6, seed=0, size=16):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- countermeasures
+@pytest.mark.unit
+def test_grayscale_is_luma_on_all_channels():
+    x = _images()
+    out = parse_countermeasure("grayscale").preprocess(x)
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    for c in range(3):
+        assert torch.allclose(out[:, c], luma)
+
+
+@pytest.mark.unit
+def test_jpeg_equals_a_pil_round_trip_and_quality_matters():
+    x = (_images(3) * 255).round() / 255
+    out10 = parse_countermeasure("jpeg:10").preprocess(x)
+    img = PIL.Image.fromarray((x[1] * 255).round().byte().permute(1, 2, 0).numpy())
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=10)
+    expected = torch.from_numpy(np.array(PIL.Image.open(buf).convert("RGB"))).permute(2, 0, 1).float() / 255
+    assert torch.equal(out10[1], expected)
+    out90 = parse_countermeasure("jpeg:90").preprocess(x)
+    assert (out90 - x).abs().mean() < (out10 - x).abs().mean()
+    assert (out10 - x).abs().max() > 0.05
+
+
+@pytest.mark.unit
+def test_bitdepth_keeps_two_to_the_bits_levels():
+    x = _images()
+    out = parse_countermeasure("bitdepth:2").preprocess(x)
+    assert set(torch.unique(out * 3).round().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+    assert (out - x).abs().max() <= 1 / 6 + 1e-6
+
+
+@pytest.mark.unit
+def test_blur_keeps_constants_and_spreads_an_impulse():
+    const = torch.full((1, 3, 9, 9), 0.4)
+    blur = parse_countermeasure("blur:1")
+    assert torch.allclose(blur.preprocess(const), const, atol=1e-6)
+    impulse = torch.zeros(1, 3, 11, 11)
+    impulse[0, :, 5, 5] = 1
+    out = blur.preprocess(impulse)[0, 0]
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
+    g = torch.exp(-torch.tensor(1.0) / 2)  # one pixel away: relative weight exp(-1/(2 sigma^2))
+    assert (out[5, 6] / out[5, 5]).item() == pytest.approx(g.item(), rel=1e-4)
+
+
+@pytest.mark.unit
+def test_cutout_zeroes_one_square_per_image():
+    x = torch.ones(50, 3, 32, 32)
+    out = parse_countermeasure("cutout:8").apply(x, torch.Generator().manual_seed(0))
+    zeros = (out[:, 0] == 0).sum(dim=(1, 2))
+    assert (zeros <= 64).all() and (zeros > 0).all() and (zeros == 64).any()
+    assert torch.equal(out[:, 0] == 0, out[:, 2] == 0)  # same square on every channel
+
+
+@pytest.mark.unit
+def test_mixup_mixes_images_and_targets_with_one_lambda():
+    x = _images(8)
+    y = torch.arange(8) % 4
+    cm = parse_countermeasure("mixup:1")
+    xm, target = cm.mix(x, y, 4, torch.Generator().manual_seed(3))
+    assert torch.allclose(target.sum(1), torch.ones(8))
+    lam = target[0, y[0]].item() if target[0].max() < 1 else 1.0
+    assert 0 < lam <= 1
+    # each mixed image is a convex combination of two originals with the same lambda
+    top2 = target.topk(2, dim=1)
+    assert torch.allclose(top2.values.sum(1), torch.ones(8)) or torch.allclose(target.max(1).values, torch.ones(8))
+
+
+@pytest.mark.unit
+def test_adversarial_training_stays_in_the_ball_and_raises_the_loss():
+    torch.manual_seed(0)
+    model = build_victim("tinycnn", 10).eval()
+    x = _images(16, size=32)
+    y = torch.randint(0, 10, (16,))
+    cm = parse_countermeasure("adv:8/255,steps=5")
+    adv = cm.attack(model, x, y, torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6
+    loss = torch.nn.functional.cross_entropy
+    assert loss(model(adv), y) > loss(model(x), y)
+    assert cm.label == "adv:8/255,steps=5"
+
+
+@pytest.mark.unit
+def test_partial_protection_mixes_exactly_the_fraction():
+    protected, clean = torch.ones(100, 3, 4, 4), torch.zeros(100, 3, 4, 4)
+    mixed = PartialProtection(0.3).mix_training_set(protected, clean, torch.Generator().manual_seed(0))
+    assert int(mixed[:, 0, 0, 0].sum()) == 30
+    with pytest.raises(CountermeasureError, match="clean"):
+        PartialProtection(0.3).mix_training_set(protected, None, torch.Generator())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "spec, message",
+    [("sharpen", "unknown countermeasure"), ("jpeg:0", "quality"), ("adv:8/255,foo=1", "no parameter"),
+     ("partial:2", "fraction"), ("blur:x", "not a number")],
+)  # fmt: skip
+def test_bad_countermeasures(spec, message):
+    with pytest.raises(CountermeasureError, match=message):
+        parse_countermeasure(spec)
+
+
+@pytest.mark.unit
+def test_parse_list_string():
+    labels = [c.label for c in parse_countermeasures("standard, jpeg:10, adv:4/255,steps=3, partial:0.5")]
+    assert labels == ["standard", "jpeg:10", "adv:4/255,steps=3", "partial:0.5"]
+
+
+# ---------------------------------------------------------------- metrics
+@pytest.mark.unit
+def test_metrics_match_hand_computed_values():
+    o = np.full((3, 8, 8), 100, np.uint8)
+    p = o.copy()
+    p[:, 0, :] += 4  # one row of 8 pixels changed by 4 levels on every channel
+    q = image_quality(o, p)
+    mse = (4 / 255) ** 2 * (3 * 8) / (3 * 64)
+    assert q["linf"] == 4
+    assert q["l2"] == pytest.approx(np.sqrt(24 * (4 / 255) ** 2))
+    assert q["psnr"] == pytest.approx(10 * np.log10(1 / mse))
+    assert q["changed_pixels"] == pytest.approx(8 / 64) and q["changed_values"] == pytest.approx(24 / 192)
+    assert psnr(np.zeros(4), np.full(4, 0.5)) == pytest.approx(20 * np.log10(2))
+
+
+@pytest.mark.unit
+def test_dataset_quality_on_known_images():
+    a = np.full((8, 8, 3), 50, np.uint8)
+    b = a.copy()
+    b[0, 0, 0] = 58
+    feats = datasets.Features({"image": datasets.Image()})
+    orig = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(a)] * 2}, features=feats)
+    prot = datasets.Dataset.from_dict({"image": [PIL.Image.fromarray(a), PIL.Image.fromarray(b)]}, features=feats)
+    q = dataset_quality(orig, prot, "image")
+    assert q["linf_levels"] == 8
+    assert q["mean_l2"] == pytest.approx((0 + 8 / 255) / 2)
+    assert q["changed_pixels"] == pytest.approx((0 + 1 / 64) / 2)
+    assert q["mean_psnr"] == pytest.approx(10 * np.log10(1 / ((8 / 255) ** 2 / 192)))  # the unchanged image is inf
+
+
+# ---------------------------------------------------------------- victims
+@pytest.mark.integration
+def test_clean_victim_learns_on_real_cifar():
+    train = shared_dataset("cifar10-10k", "train").select(range(2000))
+    test = shared_dataset("cifar10-10k", "test").select(range(500))
+    tx, ty = dataset_to_tensors(train)
+    sx, sy = dataset_to_tensors(test)
+    res = train_victim(tx, ty, sx, sy, arch="smallcnn", epochs=6, batch_size=64, progress=False)
+    assert res.final_accuracy > 0.3  # chance is 0.1
+    assert len(res.curve) == 6 and res.best_accuracy == max(res.curve)
+
+
+@pytest.mark.unit
+def test_transformers_victims_build_from_config():
+    from transformers import ResNetConfig
+
+    vit = build_victim({"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+                        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}, 5)  # fmt: skip
+    assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    resnet = build_victim(ResNetConfig(depths=[1, 1], hidden_sizes=[8, 16], embedding_size=8, layer_type="basic"), 3)
+    assert resnet(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+# ---------------------------------------------------------------- evaluate
+@pytest.fixture(scope="module")
+def protected_sample(sample_ds):
+    return sample_ds.map(ue.CUDAProtect(key=11).fit(sample_ds), batched=True)
+
+
+@pytest.mark.integration
+def test_evaluate_report_plot_and_table(protected_sample, sample_ds, tmp_path):
+    test = ue.load_sample_dataset("test")
+    report = ue.evaluate(protected_sample, test, clean=sample_ds, victim="tinycnn",
+                         countermeasures=["standard", "partial:0.5"], epochs=2, seeds=[0, 1], progress=False)  # fmt: skip
+    assert [r["countermeasure"] for r in report.results] == ["standard", "partial:0.5"]
+    std = report.results[0]
+    assert len(std["protected"]["runs"]) == 2 and len(std["protected"]["curve_mean"]) == 2
+    assert std["protected"]["final_std"] >= 0 and std["ratio"] == pytest.approx(
+        std["protected"]["final_mean"] / std["clean"]["final_mean"])  # fmt: skip
+    # partial's baseline is plain clean training: the same runs, not retrained
+    assert report.results[1]["clean"] == std["clean"]
+    assert report.quality["linf_levels"] > 0 and 0 < report.quality["mean_ssim"] < 1
+    out = report.save(tmp_path / "eval")
+    assert json.loads((out / "report.json").read_text())["config"]["seeds"] == [0, 1]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert PIL.Image.open(out / "curves.png").size[0] > 400
+    table = (out / "table.md").read_text()
+    assert "| standard |" in table and "| partial:0.5 |" in table and "±" in table
+
+
+@pytest.mark.integration
+def test_evaluate_label_agnostic(protected_sample, sample_ds):
+    test = ue.load_sample_dataset("test")
+    vehicle = {0, 1, 8, 9}
+    report = ue.evaluate(protected_sample, test, clean=sample_ds, victim="tinycnn", epochs=1, progress=False,
+                         relabel=lambda c: int(c in vehicle), quality=False)  # fmt: skip
+    assert report.config["num_classes"] == 2 and report.config["relabelled"]
+    # another label column than the protector saw
+    coarse = lambda ds: ds.add_column("coarse", [int(c in vehicle) for c in ds["label"]])  # noqa: E731
+    report = ue.evaluate(coarse(protected_sample), coarse(test), clean=coarse(sample_ds), victim="tinycnn", epochs=1,
+                         label_column="coarse", progress=False, quality=False)  # fmt: skip
+    assert report.config["label_column"] == "coarse" and report.config["num_classes"] == 2
+
+
+@pytest.mark.unit
+def test_evaluate_bad_input(protected_sample, sample_ds):
+    test = ue.load_sample_dataset("test")
+    kw = dict(victim="tinycnn", epochs=1, progress=False)
+    with pytest.raises(EvaluationError, match="test set is empty"):
+        ue.evaluate(protected_sample, test.select([]), **kw)
+    renamed = test.cast_column("label", datasets.ClassLabel(names=[f"c{i}" for i in range(10)]))
+    with pytest.raises(EvaluationError, match="label classes differ"):
+        ue.evaluate(protected_sample, renamed, **kw)
+    with pytest.raises(EvaluationError, match="outside"):
+        ue.evaluate(protected_sample, test, num_classes=5, **kw)
+    with pytest.raises(CountermeasureError, match="unknown countermeasure"):
+        ue.evaluate(protected_sample, test, countermeasures=["sharpen"], **kw)
+    with pytest.raises(EvaluationError, match="needs the clean"):
+        ue.evaluate(protected_sample, test, countermeasures=["partial:0.5"], **kw)
+    with pytest.raises(EvaluationError, match="rows"):
+        ue.evaluate(protected_sample, test, clean=sample_ds.select(range(10)), **kw)
+    no_label = test.remove_columns("label")
+    with pytest.raises(EvaluationError, match="test set"):
+        ue.evaluate(protected_sample, no_label, **kw)
+
+
+@pytest.mark.integration
+def test_cli_evaluate_after_protect(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UEXAMPLES_CUDA_KEY", "5")
+    out = tmp_path / "out"
+    assert main(["protect", "--method", "cuda", "--output", str(out), "--quiet"]) == 0
+    ev = tmp_path / "eval"
+    rc = main(["evaluate", "--protected", str(out), "--victim", "tinycnn", "--epochs", "1",
+               "--countermeasures", "standard,grayscale", "--output", str(ev), "--quiet"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| grayscale |" in printed
+    report = json.loads((ev / "report.json").read_text())
+    assert report["config"]["train_images"] == 500 and report["config"]["test_images"] == 100
+    assert main(["evaluate", "--protected", str(out), "--countermeasures", "nope", "--output", str(ev)]) == 2

@@ -1,0 +1,59 @@
+"""Decode a dataset split into working-resolution tensors, in chunks, naming the row of a bad image.
+
+Shared by the min-min engine's fit and by victim training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .additive import to_working
+from .images import NativeImage, load_pil
+
+
+@dataclass
+class SplitTensors:
+    """(N, 3, R, R) images in [0, 1], the (N,) grey mask, and the labels (None when not asked for)."""
+
+    images: torch.Tensor
+    grey: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def load_split(
+    dataset: datasets.Dataset,
+    image_column: str,
+    resolution: int,
+    label_column: str | None = None,
+    indices: Sequence[int] | None = None,
+    progress: bool = False,
+    desc: str = "Loading images",
+    chunk: int = 512,
+) -> SplitTensors:
+    """Decode ``dataset[indices]`` (all rows by default) at ``resolution``; images are read as raw bytes
+    so that a corrupt one is reported with its row number."""
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    xs, greys, ys = [], [], []
+    bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress)
+    for start in range(0, len(idx), chunk):
+        rows_idx = idx[start : start + chunk]
+        rows = raw[rows_idx.tolist()]
+        natives = [NativeImage.from_pil(load_pil(c, row=int(r)), row=int(r)) for c, r in zip(rows[image_column], rows_idx)]
+        x, grey = to_working(natives, resolution)
+        xs.append(x)
+        greys.append(grey)
+        if label_column is not None:
+            ys.append(torch.tensor(rows[label_column], dtype=torch.long))
+        bar.update(len(rows_idx))
+    bar.close()
+    if not xs:
+        return SplitTensors(torch.empty(0, 3, resolution, resolution), torch.empty(0, dtype=torch.bool),
+                            torch.empty(0, dtype=torch.long) if label_column else None)  # fmt: skip
+    return SplitTensors(torch.cat(xs), torch.cat(greys), torch.cat(ys) if label_column is not None else None)
