@@ -1,12 +1,222 @@
-"""Protect a dataset split: ``python hub_scripts/protect.py --dataset ID --method sem --output DIR``.
+"""Protect a dataset split on one or many processes, resumably, and publish it with a dataset card.
 
-Today this runs the same job as ``uexamples protect`` in one process. Multi-process generation under
-``accelerate launch``, resuming and ``--push-to-hub`` with a dataset card are tracked in issue 4.
+    python hub_scripts/protect.py --dataset user/images --method sem --output out/
+    accelerate launch --num_processes 4 hub_scripts/protect.py --dataset user/images --method sem \\
+        --output out/ --push-to-hub user/images-protected
+    # two CPU processes on one machine:
+    ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \\
+        hub_scripts/protect.py --dataset ../shared/datasets/cifar10-10k --method cuda --output out/
+
+Takes the options of ``uexamples protect`` plus ``--push-to-hub REPO_ID``, ``--private``,
+``--chunk-size``, ``--fit-shards`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
+in the card).
+
+How the work is split: the fit is data-parallel (the surrogate trains through
+``Accelerator.prepare``; every process computes the noise of its part of each batch); the map cuts
+the split into chunks of ``--chunk-size`` rows and each process maps one contiguous run of chunks;
+the chunks are concatenated in the original order. Noise depends only on the image, the seed and
+the fitted surrogate, so the dataset does not depend on the number of processes or the batch size.
+
+Resuming: the state lives in ``OUTPUT.work/`` (the fitted protector and every finished chunk, each
+written to a temporary name and renamed when complete). Launching the same command again after a
+crash reuses them; different arguments are refused. The final folder is assembled as
+``OUTPUT.partial`` and renamed, and a rerun with a finished ``OUTPUT`` only (re)tries the push.
+
+The token comes from the usual Hugging Face sources (``HF_TOKEN``, ``hf auth login``); it and the
+CUDA key are never printed, logged or written.
 """
 
-import sys
+from __future__ import annotations
 
-from uexamples.cli import main
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from accelerate import Accelerator  # created first: a bare PartialState ignores ACCELERATE_USE_CPU
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from uexamples.cli import add_protect_arguments
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_protect_arguments(p)
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the protected split and its card to this dataset repo")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--chunk-size", type=int, default=1000, help="rows per map chunk (the unit of resuming)")
+    p.add_argument("--fit-shards", type=int, default=None,
+                   help="batch-norm shards of each fit batch (default 2; keep it fixed to get the same result on 1 or 2 processes)")  # fmt: skip
+    p.add_argument("--evaluation", help="a `uexamples evaluate` output folder whose table goes into the card")
+    args = p.parse_args(argv)
+    if args.chunk_size < 1:
+        p.error("--chunk-size must be >= 1")
+    return args
+
+
+def run_identity(args: argparse.Namespace, key: int | None) -> dict:
+    """What must match for a rerun to reuse the state: the arguments, with the key as its salted fingerprint."""
+    from uexamples import __version__
+    from uexamples.methods.cuda import key_fingerprint
+
+    skip = {"quiet", "overwrite", "push_to_hub", "private", "key", "evaluation", "output", "device"}
+    ident = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+    ident["key_fingerprint"] = key_fingerprint(key) if key is not None else None
+    ident["uexamples"] = __version__
+    return ident
+
+
+def chunk_ranges(n_rows: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk_size, n_rows)) for a in range(0, n_rows, chunk_size)]
+
+
+def my_chunks(n_chunks: int, rank: int, world: int) -> range:
+    """One contiguous run of chunks per process."""
+    return range(rank * n_chunks // world, (rank + 1) * n_chunks // world)
+
+
+def atomic_save(ds, final: Path) -> None:
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    tmp.rename(final)
+
+
+def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> None:
+    import datasets
+
+    from uexamples import Protector, __version__
+    from uexamples.cli import CLIError, build_protector, load_any_dataset
+    from uexamples.evaluation.metrics import dataset_quality
+    from uexamples.preview import save_preview
+
+    main_process = accelerator.is_main_process
+    ds = load_any_dataset(args.dataset, args.config, args.split)
+    if len(ds) == 0:
+        raise CLIError("the dataset is empty (0 rows): nothing to protect")
+    if args.device is None:
+        args.device = str(accelerator.device)
+    if main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run_identity(args, key), indent=2))
+    accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- fit (or reuse its checkpoint)
+    fit_dir = work / "fit"
+    fit_s = 0.0
+    runtime = {"key": key} if key is not None else {}
+    if not fit_dir.is_dir():
+        protector = build_protector(args)
+        if hasattr(protector.config, "fit_shards"):
+            protector.config.fit_shards = args.fit_shards or max(2, accelerator.num_processes)
+        t0 = time.time()
+        protector.fit(ds, progress=not args.quiet and main_process, accelerator=accelerator)
+        fit_s = time.time() - t0
+        if main_process:
+            tmp = work / "fit.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            protector.save_pretrained(tmp)
+            tmp.rename(fit_dir)
+        accelerator.wait_for_everyone()
+    # every process maps with the saved protector: a resumed run is the same as a fresh one
+    protector = Protector.from_pretrained(fit_dir, device=args.device, **runtime)
+    columns = protector.columns_for(ds.features)
+
+    # ---------------------------------------------------------------- map: my contiguous chunks
+    chunks = chunk_ranges(len(ds), args.chunk_size)
+    chunk_dir = work / "chunks"
+    chunk_dir.mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+    t_map = time.time()
+    reused = 0
+    for c in my_chunks(len(chunks), accelerator.process_index, accelerator.num_processes):
+        final = chunk_dir / f"chunk-{c:06d}"
+        if final.is_dir():
+            reused += 1
+            continue
+        a, b = chunks[c]
+        part = protector.apply(ds.select(range(a, b)), batch_size=args.map_batch_size, load_from_cache_file=False,
+                               desc=f"Protecting chunk {c + 1}/{len(chunks)} (process {accelerator.process_index})")  # fmt: skip
+        atomic_save(part, final)
+    accelerator.wait_for_everyone()
+    map_s = time.time() - t_map
+    if not main_process:
+        return
+
+    # ---------------------------------------------------------------- assemble in the original order
+    parts = [datasets.load_from_disk(str(chunk_dir / f"chunk-{c:06d}")) for c in range(len(chunks))]
+    protected = datasets.concatenate_datasets(parts)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    protected.save_to_disk(str(tmp / "dataset"))
+    shutil.copytree(fit_dir, tmp / "protector")
+    stats = dataset_quality(ds, protected, columns.image)
+    summary = {
+        "uexamples_version": __version__,
+        "method": protector.method,
+        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
+        "split": args.split,
+        "images": len(ds),
+        "processes": accelerator.num_processes,
+        "chunks": len(chunks),
+        "chunks_reused": reused,
+        "fit_seconds": round(fit_s, 2),
+        "map_seconds": round(map_s, 2),
+        "config": protector.public_config(),
+        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
+        **stats,
+    }
+    if protector.method == "cuda":
+        summary["config"]["surrogate"] = None
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    save_preview(ds, protected, columns.image, tmp / "preview.png")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    print(f"protected {len(ds)} images on {accelerator.num_processes} process(es): map {map_s:.1f} s -> {out_dir}", flush=True)
+
+
+def main(argv=None) -> int:
+    accelerator = Accelerator()
+    args = parse_args(argv)
+    import datasets
+
+    from uexamples.cli import CLIError, parse_key
+    from uexamples.hub import PublishError, publish
+
+    if args.quiet or not accelerator.is_main_process:
+        datasets.disable_progress_bars()
+    out_dir = Path(args.output)
+    work = out_dir.with_name(out_dir.name + ".work")
+    try:
+        key = parse_key(args.key) if args.method == "cuda" else None
+        if args.overwrite and accelerator.is_main_process:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        saved = work / "run.json"
+        if saved.is_file() and json.loads(saved.read_text()) != run_identity(args, key):
+            raise CLIError(f"{work} holds a run with other arguments; pass --overwrite to start again")
+        done = (out_dir / "summary.json").is_file() and saved.is_file()
+        if not done:
+            if out_dir.exists() and any(out_dir.iterdir()):
+                raise CLIError(f"output folder {out_dir} is not empty and was not made by this run; pass --overwrite")
+            generate(args, accelerator, out_dir, work, key)
+        elif accelerator.is_main_process:
+            print(f"{out_dir} is complete: nothing to generate", flush=True)
+        accelerator.wait_for_everyone()
+        if args.push_to_hub and accelerator.is_main_process:
+            url = publish(out_dir, args.push_to_hub, private=args.private, evaluation=args.evaluation)
+            print(f"published: {url}", flush=True)
+    except (CLIError, PublishError, ValueError, FileNotFoundError) as exc:
+        print(f"protect.py: error: {exc}", file=sys.stderr, flush=True)
+        return 2 if not isinstance(exc, PublishError) else 3
+    finally:
+        accelerator.end_training()
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main(["protect", *sys.argv[1:]]))
+    sys.exit(main())

@@ -194,11 +194,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="uexamples", description="Make image datasets unlearnable.")
-    parser.add_argument("--version", action="version", version=f"uexamples {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("protect", help="protect a dataset split and save it (lossless PNG/TIFF)")
+def add_protect_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `uexamples protect` (shared with hub_scripts/protect.py)."""
     p.add_argument("--dataset", help="Hub id, local dataset folder or save_to_disk folder (default: embedded sample)")
     p.add_argument("--config", help="dataset configuration name")
     p.add_argument("--split", default="train")
@@ -216,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uexamples", description="Make image datasets unlearnable.")
+    parser.add_argument("--version", action="version", version=f"uexamples {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("protect", help="protect a dataset split and save it (lossless PNG/TIFF)")
+    add_protect_arguments(p)
     p.set_defaults(func=cmd_protect)
 
     e = sub.add_parser("evaluate", help="train victims on protected vs clean data, under countermeasures")

@@ -14,17 +14,23 @@ import torch.nn.functional as F
 
 
 class BatchRandom:
-    """Random draws for a batch from one generator (fit: one seeded stream)."""
+    """Random draws for a batch from one generator (fit: one seeded stream).
 
-    def __init__(self, generator: torch.Generator, batch: int) -> None:
+    With ``rows``, every draw is made for the whole global batch and only those rows are kept: the
+    processes of a data-parallel fit then consume the same stream and agree on every number.
+    """
+
+    def __init__(self, generator: torch.Generator, batch: int, rows: slice | None = None) -> None:
         self.g = generator
-        self.batch = batch
+        self.global_batch = batch
+        self.rows = rows or slice(0, batch)
+        self.batch = len(range(batch)[self.rows])
 
     def rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand((self.batch, *shape), generator=self.g)
+        return torch.rand((self.global_batch, *shape), generator=self.g)[self.rows]
 
     def randint(self, high: int, *shape: int) -> torch.Tensor:
-        return torch.randint(0, high, (self.batch, *shape), generator=self.g)
+        return torch.randint(0, high, (self.global_batch, *shape), generator=self.g)[self.rows]
 
 
 class SampleRandom:

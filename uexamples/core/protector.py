@@ -120,8 +120,12 @@ class Protector:
         self._runtime: dict[str, Any] = {}  # models and tensors built lazily; never pickled
 
     # ------------------------------------------------------------------ public API
-    def fit(self, dataset: datasets.Dataset, progress: bool = True) -> "Protector":
-        """Fit the protector on ``dataset`` (a ``datasets.Dataset``) and return ``self``."""
+    def fit(self, dataset: datasets.Dataset, progress: bool = True, accelerator: Any = None) -> "Protector":
+        """Fit the protector on ``dataset`` (a ``datasets.Dataset``) and return ``self``.
+
+        ``accelerator``: an ``accelerate.Accelerator``; with several processes, surrogate-based
+        methods fit data-parallel (every process must call ``fit`` with the same dataset).
+        """
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"fit expects a datasets.Dataset, got {type(dataset).__name__} (pick a split: ds['train'])")
         if len(dataset) == 0:
@@ -132,7 +136,11 @@ class Protector:
         elif self._columns.label is not None:
             labels = np.asarray(dataset[self._columns.label])
             self.num_classes = int(labels.max()) + 1
-        self._fit(dataset, self._columns, progress=progress)
+        self._accelerator = accelerator
+        try:
+            self._fit(dataset, self._columns, progress=progress)
+        finally:
+            self._accelerator = None
         self.fitted = True
         return self
 

@@ -81,6 +81,7 @@ class EMProtect(MinMinProtector):
         for _ in range(cfg.noise_steps):
             g = self.noise_gradient(model, x, y, noise[y], rnd, cfg.eot_draws)
             per_class = torch.zeros_like(noise).index_add_(0, y, g)  # the average update of each class
+            per_class = self._sum_over_processes(per_class)  # over the global batch in a data-parallel fit
             noise = (noise - alpha * per_class.sign()).clamp(-eps, eps)
         self._runtime["class_noise"] = noise
         return project_grey((x + noise[y]).clamp(0, 1) - x, grey)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..core.additive import AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
 from ..core.columns import Columns
+from ..core.distributed import DataParallel
 from ..core.loading import load_split
 from ..core.protector import ProtectorConfig
 from ..surrogates import build_surrogate, load_state_arrays, rebuild_surrogate, state_arrays
@@ -51,6 +52,9 @@ class MinMinConfig(ProtectorConfig):
     adv_radius (rho_a), adv_steps, adv_step_size: adversarial radius of REM/SEM (and of the model phase).
     stop_at_train_accuracy: stop the fit once the surrogate's running accuracy on noisy data exceeds it.
     max_fit_samples: fit on at most this many images (a seeded random subset) to bound memory and time.
+    fit_shards: split each fit batch into this many batch-norm shards (a multiple of the number of
+        processes of a data-parallel fit; the same value gives the same surrogate on any number of
+        processes, see ``core.distributed``).
     """
 
     surrogate: Any = "smallcnn"
@@ -73,6 +77,7 @@ class MinMinConfig(ProtectorConfig):
     final_eot_draws: int = 5
     stop_at_train_accuracy: float | None = None
     max_fit_samples: int | None = None
+    fit_shards: int = 1
 
 
 def to_fast_layout(model: nn.Module) -> nn.Module:
@@ -225,32 +230,38 @@ class MinMinProtector(AdditiveProtector):
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
         cfg = self.config
-        torch.manual_seed(cfg.seed)  # weight initialisation
+        dp = DataParallel(self._accelerator, int(cfg.fit_shards))
+        torch.manual_seed(cfg.seed)  # weight initialisation (the same on every process)
         spec = self._surrogate_module if self._surrogate_module is not None else cfg.surrogate
         model, desc = build_surrogate(spec, self.num_classes, trust_remote_code=cfg.trust_remote_code)
-        self._runtime = {"desc": desc}
-        x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress)
+        self._runtime = {"desc": desc, "dp": dp}
+        x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)
         dev = self.device
         model = to_fast_layout(model.to(dev))
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        train_model, opt, model = dp.prepare(model, opt)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
         self._prepare_fit(x_all, y_all, gen)
         n = x_all.shape[0]
         bs = min(cfg.train_batch_size, n)
+        bs -= bs % dp.shards  # equal shards
+        rows = dp.local_rows(bs)
         order, pos = torch.randperm(n, generator=gen), 0
         acc_ema, started = None, time.time()
-        bar = tqdm(range(cfg.train_steps), desc=f"Fitting {self.method.upper()} surrogate", disable=not progress)
+        desc_bar = f"Fitting {self.method.upper()} surrogate"
+        bar = tqdm(range(cfg.train_steps), desc=desc_bar, disable=not progress or dp.rank != 0)
         for step in bar:
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + bs]
+            idx = order[pos : pos + bs][rows]  # this process's rows of the global batch
             pos += bs
             x, y, grey = x_all[idx].to(dev), y_all[idx].to(dev), grey_all[idx]
-            rnd = BatchRandom(gen, x.shape[0])
+            rnd = BatchRandom(gen, bs, rows)
             model.eval()
             delta = self._fit_noise(model, x, y, idx, rnd, grey)
-            acc = self._model_phase(model, opt, x, y, delta, rnd)
+            correct = self._model_phase(model, train_model, opt, x, y, delta, rnd)
+            acc = float(dp.sum(torch.tensor(float(correct)))) / bs
             sched.step()
             acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
             if step % 10 == 0:
@@ -258,10 +269,16 @@ class MinMinProtector(AdditiveProtector):
             if cfg.stop_at_train_accuracy is not None and step >= 20 and acc_ema >= cfg.stop_at_train_accuracy:
                 break
         bar.close()
-        self.fit_stats = {"steps": step + 1, "train_accuracy": acc_ema, "seconds": time.time() - started}
+        self.fit_stats = {"steps": step + 1, "train_accuracy": acc_ema, "seconds": time.time() - started, "processes": dp.world}
         model.eval()
         self._runtime.update(model=model)
+        self._runtime.pop("dp", None)
         self._finish_fit(model, x_all, y_all, grey_all, gen)
+
+    def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a tensor over the processes of a data-parallel fit (itself on one process)."""
+        dp = self._runtime.get("dp")
+        return dp.sum(t) if dp is not None else t
 
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """Hook for class-wise noise (allocated once for the whole fit)."""
@@ -276,8 +293,14 @@ class MinMinProtector(AdditiveProtector):
         delta = project_grey((x + delta).clamp(0, 1) - x, grey)
         return self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
 
-    def _model_phase(self, model, opt, x, y, delta, rnd) -> float:
+    def _model_phase(self, model, train_model, opt, x, y, delta, rnd) -> int:
+        """One SGD step of the surrogate on this process's rows; returns how many it classified right.
+
+        Rows are split into batch-norm shards (``fit_shards``); only global shard 0 updates the
+        running statistics, which are then broadcast, so every process holds the same model.
+        """
         cfg = self.config
+        dp = self._runtime["dp"]
         xt = random_crop_flip((x + delta).clamp(0, 1), rnd).detach()
         if self.adversarial_training and cfg.adv_steps > 0:
             rho_a = float(cfg.adv_radius)
@@ -286,14 +309,27 @@ class MinMinProtector(AdditiveProtector):
             self.passes += cfg.adv_steps * x.shape[0]
             xt = (xt + r).clamp(0, 1)
         model.train()
-        logits = model(xt)
-        loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        shards = dp.local_shards(rnd.global_batch)
+        correct = 0
+        for k, (shard, rows) in enumerate(shards):
+            if shard:
+                for m in norms:
+                    m.momentum = 0.0  # running statistics come from global shard 0 only
+            with dp.no_sync(train_model, last=k == len(shards) - 1):
+                logits = train_model(xt[rows])
+                loss = F.cross_entropy(logits, y[rows]) * (dp.world / dp.shards)  # DDP averages over processes
+                loss.backward()
+            correct += int((logits.argmax(1) == y[rows]).sum())
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
         opt.step()
+        dp.broadcast_buffers(model)
         self.passes += x.shape[0]
         model.eval()
-        return float((logits.argmax(1) == y).float().mean())
+        return correct
 
     # ------------------------------------------------------------------ accounting
     def passes_per_sample_step(self) -> int:

@@ -1,0 +1,127 @@
+"""Dataset cards for published protected datasets (template: ``cards/dataset_card.md``).
+
+>>> meta = card_metadata({"method": "sem", "config": {"epsilon": 8 / 255, "seed": 0, "preset": "fast"},
+...                       "source": {"dataset": None, "split": "train"}}, license="mit")
+>>> meta["license"], "unlearnable-examples" in meta["tags"], meta["uexamples"]["epsilon_levels"]
+('mit', True, 8)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
+
+METHODS = {
+    "sem": (
+        "SEM (stable error-minimizing noise)",
+        "A surrogate model is trained against random perturbations while error-minimising noise is "
+        "optimised for each image (Liu et al., AAAI 2024).",
+        "@inproceedings{liu2024stable,\n  title={Stable Unlearnable Example: Enhancing the Robustness of Unlearnable "
+        "Examples via Stable Error-Minimizing Noise},\n  author={Liu, Yixin and Xu, Kaidi and Chen, Xun and Sun, Lichao},\n"
+        "  booktitle={AAAI},\n  year={2024}\n}",
+    ),
+    "em": (
+        "EM (error-minimizing noise)",
+        "Noise is optimised so that a surrogate model's training loss on the image is already minimal "
+        "(Huang et al., ICLR 2021).",
+        "@inproceedings{huang2021unlearnable,\n  title={Unlearnable Examples: Making Personal Data Unexploitable},\n"
+        "  author={Huang, Hanxun and Ma, Xingjun and Erfani, Sarah Monazam and Bailey, James and Wang, Yisen},\n"
+        "  booktitle={ICLR},\n  year={2021}\n}",
+    ),
+    "rem": (
+        "REM (robust error-minimizing noise)",
+        "Error-minimizing noise that also survives adversarial training (Fu et al., ICLR 2022).",
+        "@inproceedings{fu2022robust,\n  title={Robust Unlearnable Examples: Protecting Data Privacy Against Adversarial "
+        "Learning},\n  author={Fu, Shaopeng and He, Fengxiang and Liu, Yang and Shen, Li and Tao, Dacheng},\n"
+        "  booktitle={ICLR},\n  year={2022}\n}",
+    ),
+    "cuda": (
+        "CUDA (convolution-based unlearnable dataset)",
+        "Each class is blurred with its own private, randomly drawn 3x3 filter (Sadasivan et al., CVPR 2023). "
+        "The filters are derived from a private key that is not published.",
+        "@inproceedings{sadasivan2023cuda,\n  title={CUDA: Convolution-based Unlearnable Datasets},\n"
+        "  author={Sadasivan, Vinu Sankar and Soltanolkotabi, Mahdi and Feizi, Soheil},\n  booktitle={CVPR},\n  year={2023}\n}",
+    ),
+}
+
+
+def source_license(source: str | None) -> str:
+    """The license in the source dataset's card (a local folder or a Hub id), else ``"unknown"``."""
+    if source is None:
+        return "unknown"  # the embedded CIFAR-10 sample
+    try:
+        from huggingface_hub import DatasetCard
+
+        path = Path(source) / "README.md"
+        card = DatasetCard.load(path) if path.is_file() else DatasetCard.load(source)
+        return str(card.data.to_dict().get("license") or "unknown")
+    except Exception:  # no card, offline, not a Hub dataset: say so instead of guessing
+        return "unknown"
+
+
+def card_metadata(summary: dict[str, Any], license: str, evaluated: bool = False) -> dict[str, Any]:
+    """The card's YAML metadata, from the run summary (which never holds a key or token)."""
+    cfg = summary.get("config", {})
+    eps = cfg.get("epsilon")
+    src = (summary.get("source") or {}).get("dataset")
+    meta: dict[str, Any] = {
+        "license": license,
+        "tags": ["unlearnable-examples", "uexamples", f"uexamples-{summary['method']}", "data-protection"],
+        "uexamples": {
+            "version": summary.get("uexamples_version", __version__),
+            "method": summary["method"],
+            "preset": cfg.get("preset"),
+            "epsilon": eps,
+            "epsilon_levels": None if eps is None else round(eps * 255),
+            "seed": cfg.get("seed"),
+            "split": (summary.get("source") or {}).get("split"),
+            "evaluated": evaluated,
+        },
+    }
+    if src and not Path(src).exists():  # a Hub id
+        meta["source_datasets"] = [src]
+    return meta
+
+
+def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_file: str = "preview.png",
+                evaluation: str | None = None) -> str:  # fmt: skip
+    """The full README.md (YAML + body) of a published protected dataset."""
+    import jinja2
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    method = summary["method"]
+    title, what, bibtex = METHODS.get(method, (method.upper(), "", ""))
+    meta = card_metadata(summary, license, evaluated=evaluation is not None)
+    src = (summary.get("source") or {}).get("dataset")
+    # a local path is shown by its folder name only (it means nothing on the Hub, and may be private)
+    source = (Path(src).name if Path(src).exists() else src) if src else "the uexamples embedded CIFAR-10 sample"
+    cfg = summary.get("config", {})
+    eps = cfg.get("epsilon")
+    body = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(
+        pretty_name=f"{Path(source).name} ({title.split(' ')[0]}-protected)",
+        source_name=source,
+        split=(summary.get("source") or {}).get("split", "train"),
+        images=summary.get("images"),
+        method=method,
+        method_title=title,
+        method_summary=what,
+        preset=cfg.get("preset"),
+        seed=cfg.get("seed"),
+        epsilon_levels=None if eps is None else round(eps * 255),
+        version=summary.get("uexamples_version", __version__),
+        linf=summary.get("linf_levels"),
+        psnr=f"{summary.get('mean_psnr', float('nan')):.2f}",
+        ssim=f"{summary.get('mean_ssim', float('nan')):.4f}",
+        preview_file=preview_file,
+        repo_id=repo_id,
+        tiff=False,
+        evaluation=evaluation,
+        bibtex=bibtex,
+    )
+    data = DatasetCardData(**{k: v for k, v in meta.items() if k in ("license", "tags", "source_datasets")},
+                           uexamples=meta["uexamples"], pretty_name=Path(source).name + " (protected)")  # fmt: skip
+    return str(DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
