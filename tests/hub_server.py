@@ -155,7 +155,7 @@ class LocalHub:
             self._reply(h, 200, {"url": f"{self.url}/datasets/{repo_id}", "name": repo_id})
             return 200
         if m:
-            repo_id, action, rev, rest = m.group(1), m.group(2), m.group(3), (m.group(4) or "").lstrip("/")
+            repo_id, action, rest = m.group(1), m.group(2), (m.group(4) or "").lstrip("/")  # one branch: revisions ignored
             repo = self.repos.get(repo_id)
             if repo is None:
                 self._reply(h, 404, {"error": "Repository not found"}, method=method, error_code="RepoNotFound")
