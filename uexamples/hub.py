@@ -14,6 +14,14 @@ from pathlib import Path
 from .cards import render_card, source_license
 
 
+try:  # huggingface_hub >= 1 talks HTTP through httpx2; older versions through requests (OSError subclasses)
+    import httpx2
+
+    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx2.HTTPError,)
+except ImportError:  # pragma: no cover
+    _TRANSPORT_ERRORS = ()
+
+
 class PublishError(RuntimeError):
     """The Hub refused or dropped the upload; the local output is untouched and a rerun retries."""
 
@@ -38,7 +46,6 @@ def publish(out_dir: str | Path, repo_id: str, private: bool = False, evaluation
             token: str | None = None) -> str:  # fmt: skip
     """Push ``out_dir/dataset`` to the dataset repo ``repo_id``, then its card and preview; returns the repo URL."""
     import datasets
-    import httpx2
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
 
     out_dir = Path(out_dir)
@@ -71,6 +78,6 @@ def publish(out_dir: str | Path, repo_id: str, private: bool = False, evaluation
         if evaluation is not None and (Path(evaluation) / "curves.png").is_file():
             ops.append(CommitOperationAdd("evaluation.png", str(Path(evaluation) / "curves.png")))
         api.create_commit(repo_id, ops, repo_type="dataset", commit_message="uexamples: dataset card and preview")
-    except (httpx2.HTTPError, OSError, RuntimeError) as exc:  # HfHubHTTPError is both; LFS failures come as RuntimeError
+    except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:  # HfHubHTTPError is an OSError; LFS failures a RuntimeError
         raise _explain(exc, repo_id, out_dir) from None
     return f"{api.endpoint}/datasets/{repo_id}"

@@ -1,0 +1,111 @@
+"""Publishing end to end against a local HTTP server that speaks the Hub API to the real client."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from helpers import REPO, SHARED
+from hub_server import LocalHub
+from test_distributed import SCRIPT, script_env
+
+pytestmark = pytest.mark.integration
+KEY = "70412938475123"
+REPO_ID = "tester/breastmnist-cuda"
+
+
+@pytest.fixture()
+def local_hub():
+    hub = LocalHub().start()
+    yield hub
+    hub.stop()
+
+
+def hub_env(tmp_path, hub) -> dict:
+    env = script_env(tmp_path, HF_ENDPOINT=hub.url, HF_TOKEN=hub.token, HF_HUB_DISABLE_XET="1",
+                     HF_HUB_DISABLE_TELEMETRY="1", UEXAMPLES_CUDA_KEY=KEY)  # fmt: skip
+    env.pop("HF_HUB_OFFLINE")
+    return env
+
+
+def push(tmp_path, hub, out, extra=()) -> subprocess.CompletedProcess:
+    source = SHARED / "datasets" / "breastmnist"
+    if not source.is_dir():
+        pytest.skip("../shared/datasets/breastmnist is not available")
+    cmd = [sys.executable, SCRIPT, "--dataset", str(source), "--method", "cuda", "--quiet", "--output", str(out),
+           "--push-to-hub", REPO_ID, *extra]  # fmt: skip
+    return subprocess.run(cmd, env=hub_env(tmp_path, hub), capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def evaluation(tmp_path):
+    import uexamples as ue
+
+    train = ue.load_sample_dataset("train").select(range(100))
+    test = ue.load_sample_dataset("test")
+    report = ue.evaluate(train, test, clean=train, victim="tinycnn", epochs=1, progress=False, quality=False)
+    return report.save(tmp_path / "eval")
+
+
+def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
+    out = tmp_path / "out"
+    res = push(tmp_path, local_hub, out, ["--evaluation", str(evaluation)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = local_hub.repos[REPO_ID].files
+    assert {"README.md", "preview.png", "evaluation.png"} <= set(files)
+    assert any(p.startswith("data/train-") and p.endswith(".parquet") for p in files)
+    # the card: YAML metadata (license carried over from the source card) and an honest body
+    text = files["README.md"].decode()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "cc-by-4.0"
+    assert "unlearnable-examples" in meta["tags"]
+    assert meta["uexamples"]["method"] == "cuda" and meta["uexamples"]["seed"] == 0
+    assert meta["uexamples"]["epsilon"] is None and meta["uexamples"]["evaluated"] is True
+    assert "dataset_info" in meta and "configs" in meta  # what push_to_hub wrote is kept
+    assert "Never re-encode the images as JPEG" in text and "@inproceedings{sadasivan2023cuda" in text
+    assert "![clean | protected | amplified noise](preview.png)" in text
+    assert "| standard |" in text  # the evaluation table
+    # no secret anywhere: not in a file, not in a request body, not in the output
+    for blob in [*files.values(), *local_hub.bodies]:
+        assert KEY.encode() not in blob and local_hub.token.encode() not in blob
+    assert KEY not in res.stdout + res.stderr and local_hub.token not in res.stdout + res.stderr
+    # load it back from the "Hub": bit-exact pixels
+    check = textwrap.dedent(f"""
+        import datasets, numpy as np
+        hub = datasets.load_dataset("{REPO_ID}", split="train")
+        local = datasets.load_from_disk("{out / 'dataset'}")
+        assert len(hub) == len(local) == 546
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) and a.mode == b.mode == "L"
+                   for a, b in zip(hub["image"], local["image"]))
+        print("EQUAL" if same and hub["label"] == local["label"] else "DIFFERENT")
+    """)
+    loaded = subprocess.run([sys.executable, "-c", check], env=hub_env(tmp_path, local_hub), capture_output=True, text=True, timeout=300)
+    assert loaded.stdout.strip().endswith("EQUAL"), loaded.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "pattern, status, message",
+    [
+        (r"POST /api/repos/create", 401, "refused the credentials (401)"),
+        (r"GET /api/datasets/tester/[^/]+$", 404, "answered 404"),
+        (r"POST /api/datasets/.*/commit/", 500, "answered 500"),
+        (r"PUT /lfs-upload/", None, "connection to the Hub failed"),
+    ],
+)  # fmt: skip
+def test_hub_errors_are_clear_and_a_rerun_finishes(tmp_path, local_hub, pattern, status, message):
+    out = tmp_path / "out"
+    local_hub.fail(pattern, status, times=50)  # persistent: the client's own retries also fail
+    res = push(tmp_path, local_hub, out)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert message in res.stderr and "local output is kept" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert (out / "summary.json").is_file() and (out / "dataset").is_dir()  # nothing lost
+    local_hub.faults.clear()
+    again = push(tmp_path, local_hub, out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to generate" in again.stdout
+    files = local_hub.repos[REPO_ID].files
+    assert "README.md" in files and json.dumps(sorted(files)).count("parquet") == 1
