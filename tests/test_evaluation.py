@@ -269,3 +269,15 @@ def test_cli_evaluate_after_protect(tmp_path, capsys, monkeypatch):
     report = json.loads((ev / "report.json").read_text())
     assert report["config"]["train_images"] == 500 and report["config"]["test_images"] == 100
     assert main(["evaluate", "--protected", str(out), "--countermeasures", "nope", "--output", str(ev)]) == 2
+
+
+@pytest.mark.integration
+def test_readme_evaluate_example_runs_as_written(tmp_path, monkeypatch):
+    from helpers import REPO
+
+    text = (REPO / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    example = next(b for b in blocks if "ue.evaluate(" in b)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert (tmp_path / "eval" / "curves.png").is_file() and (tmp_path / "eval" / "table.md").is_file()

@@ -118,6 +118,7 @@ class Protector:
         self.num_classes: int | None = None
         self._columns: Columns | None = None
         self._runtime: dict[str, Any] = {}  # models and tensors built lazily; never pickled
+        self._accelerator: Any = None  # set only during a data-parallel fit
 
     # ------------------------------------------------------------------ public API
     def fit(self, dataset: datasets.Dataset, progress: bool = True, accelerator: Any = None) -> "Protector":
@@ -288,6 +289,7 @@ class Protector:
         self.num_classes = state["num_classes"]
         self._columns = Columns(**state["columns"]) if state.get("columns") else None
         self._runtime = {}
+        self._accelerator = None
         if self.fitted:
             self._load_fitted(state["fitted_meta"], state["arrays"])
 
