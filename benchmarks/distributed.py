@@ -13,7 +13,6 @@ ACCELERATE_USE_CPU=1, gloo). Results: benchmarks/results/distributed.json; ``--t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,9 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+
 HERE = Path(__file__).parent
 REPO = HERE.parent
-RESULTS = HERE / "results"
 SCRIPT = REPO / "hub_scripts" / "protect.py"
 
 
@@ -91,15 +91,10 @@ def table() -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=str(REPO.parent / "shared" / "datasets" / "cifar10-10k"))
+    p = benchmark_parser(__doc__)
+    p.add_argument("--dataset", default=str(SHARED_DATASETS / "cifar10-10k"))
     p.add_argument("--train-steps", type=int, default=50)
-    p.add_argument("--table", action="store_true")
-    args = p.parse_args(argv)
-    if args.table:
-        print(table())
-        return
-    run(args)
+    dispatch(p, run, table, argv)
 
 
 if __name__ == "__main__":

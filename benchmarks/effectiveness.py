@@ -13,10 +13,8 @@ of every results file (pasted into benchmarks/README.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +22,9 @@ import datasets
 import torch
 
 import uexamples as ue
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
-RESULTS = Path(__file__).parent / "results"
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 
 
@@ -110,8 +108,8 @@ def table() -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-10k"))
+    p = benchmark_parser(__doc__)
+    p.add_argument("--dataset", default=str(SHARED_DATASETS / "cifar10-10k"))
     p.add_argument("--methods", default="em,sem,cuda")
     p.add_argument("--preset", default="fast")
     p.add_argument("--victim", default="convnet")
@@ -121,13 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--table", action="store_true", help="print the table of all committed results and exit")
-    args = p.parse_args(argv)
-    if args.table:
-        print(table())
-        return
-    run(args)
+    dispatch(p, run, table, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -18,7 +18,6 @@ Results: benchmarks/results/matrix_<dataset>_<part>.json; ``--table`` prints the
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -28,14 +27,14 @@ import datasets
 import torch
 
 import uexamples as ue
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.core.loading import load_split
 from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
 from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 CACHE = HERE / ".cache"
-SHARED = HERE.resolve().parents[1] / "shared" / "datasets"
+
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 ALL = "standard,cutout,mixup,grayscale,jpeg:10,bitdepth:2,blur:1,adv:4/255,adv:8/255,partial:0.5"
 
@@ -83,7 +82,7 @@ def run(args) -> None:
             scale[key] = getattr(args, key)
     path = Path(scale["dataset"])
     if not path.is_dir():
-        path = SHARED / scale["dataset"]
+        path = SHARED_DATASETS / scale["dataset"]
     name = path.name
     train = datasets.load_dataset(str(path), split="train")
     test = datasets.load_dataset(str(path), split="test")
@@ -176,7 +175,7 @@ def _group(paths):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = benchmark_parser(__doc__)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument("--dataset")
     p.add_argument("--methods")
@@ -191,12 +190,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--generate-only", action="store_true", help="only generate (cache) the protected sets")
-    p.add_argument("--table", action="store_true")
-    args = p.parse_args(argv)
-    if args.table:
-        print(table())
-        return
-    run(args)
+    dispatch(p, run, table, argv)
 
 
 if __name__ == "__main__":

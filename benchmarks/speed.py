@@ -9,7 +9,6 @@ compute; the target is at most 1.5.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -21,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import uexamples as ue
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.methods.minmin import to_fast_layout
 from uexamples.surrogates import build_surrogate
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def time_pass(model: torch.nn.Module, batch: int, num_classes: int, repeats: int = 15) -> float:
@@ -121,17 +120,12 @@ def table() -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", action="store_true", help="print the table of the committed results and exit")
-    p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-10k"))
+    p = benchmark_parser(__doc__)
+    p.add_argument("--dataset", default=str(SHARED_DATASETS / "cifar10-10k"))
     p.add_argument("--methods", default="cuda,em,sem,rem")
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    if args.table:
-        print(table())
-        return
-    run(args)
+    dispatch(p, run, table, argv)
 
 
 if __name__ == "__main__":

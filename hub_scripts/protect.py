@@ -86,10 +86,8 @@ def atomic_save(ds, final: Path) -> None:
 def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> None:
     import datasets
 
-    from uexamples import Protector, __version__
-    from uexamples.cli import CLIError, build_protector, load_any_dataset
-    from uexamples.evaluation.metrics import dataset_quality
-    from uexamples.preview import save_preview
+    from uexamples import Protector
+    from uexamples.cli import CLIError, build_protector, load_any_dataset, write_output
 
     main_process = accelerator.is_main_process
     ds = load_any_dataset(args.dataset, args.config, args.split)
@@ -121,7 +119,6 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
         accelerator.wait_for_everyone()
     # every process maps with the saved protector: a resumed run is the same as a fresh one
     protector = Protector.from_pretrained(fit_dir, device=args.device, **runtime)
-    columns = protector.columns_for(ds.features)
 
     # ---------------------------------------------------------------- map: my contiguous chunks
     chunks = chunk_ranges(len(ds), args.chunk_size)
@@ -147,34 +144,8 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
     # ---------------------------------------------------------------- assemble in the original order
     parts = [datasets.load_from_disk(str(chunk_dir / f"chunk-{c:06d}")) for c in range(len(chunks))]
     protected = datasets.concatenate_datasets(parts)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    protected.save_to_disk(str(tmp / "dataset"))
-    shutil.copytree(fit_dir, tmp / "protector")
-    stats = dataset_quality(ds, protected, columns.image)
-    summary = {
-        "uexamples_version": __version__,
-        "method": protector.method,
-        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
-        "split": args.split,
-        "images": len(ds),
-        "processes": accelerator.num_processes,
-        "chunks": len(chunks),
-        "chunks_reused": reused,
-        "fit_seconds": round(fit_s, 2),
-        "map_seconds": round(map_s, 2),
-        "config": protector.public_config(),
-        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
-        **stats,
-    }
-    if protector.method == "cuda":
-        summary["config"]["surrogate"] = None
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    save_preview(ds, protected, columns.image, tmp / "preview.png")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    write_output(out_dir, args, ds, protected, protector, processes=accelerator.num_processes, chunks=len(chunks),
+                 chunks_reused=reused, fit_seconds=round(fit_s, 2), map_seconds=round(map_s, 2))  # fmt: skip
     print(f"protected {len(ds)} images on {accelerator.num_processes} process(es): map {map_s:.1f} s -> {out_dir}", flush=True)
 
 

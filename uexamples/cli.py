@@ -97,6 +97,39 @@ def build_protector(args: argparse.Namespace):
     return klass(preset=args.preset, **kwargs)
 
 
+def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Dataset, protected: datasets.Dataset,
+                 protector, **timings: Any) -> dict:  # fmt: skip
+    """Write dataset/, protector/, summary.json and preview.png into ``DIR.partial``, then rename it to ``DIR``.
+
+    Nothing that looks complete exists before everything succeeded. Returns the summary.
+    """
+    columns = protector.columns_for(source.features)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    protected.save_to_disk(str(tmp / "dataset"))
+    protector.save_pretrained(tmp / "protector")
+    summary = {
+        "uexamples_version": __version__,
+        "method": protector.method,
+        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
+        "split": args.split,
+        "images": len(source),
+        **timings,
+        "config": protector.public_config(),
+        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
+        **dataset_quality(source, protected, columns.image),
+    }
+    if protector.method == "cuda":
+        summary["config"]["surrogate"] = None
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    save_preview(source, protected, columns.image, tmp / "preview.png")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return summary
+
+
 def cmd_protect(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
@@ -105,40 +138,16 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if len(ds) == 0:
         raise CLIError("the dataset is empty (0 rows): nothing to protect")
     protector = build_protector(args)
-    columns = protector.columns_for(ds.features)
+    protector.columns_for(ds.features)  # column errors before the long fit
     started = time.time()
     protector.fit(ds, progress=not args.quiet)
     fit_s = time.time() - started
     t0 = time.time()
     protected = protector.apply(ds, batch_size=args.map_batch_size, load_from_cache_file=False)
     map_s = time.time() - t0
-    # Write into a temporary folder and move it into place only when everything succeeded.
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    protected.save_to_disk(str(tmp / "dataset"))
-    protector.save_pretrained(tmp / "protector")
-    stats = dataset_quality(ds, protected, columns.image)
-    summary = {
-        "uexamples_version": __version__,
-        "method": protector.method,
-        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
-        "split": args.split,
-        "images": len(ds),
-        "fit_seconds": round(fit_s, 2),
-        "map_seconds": round(map_s, 2),
-        "seconds": round(time.time() - started, 2),
-        "config": protector.public_config(),
-        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
-        **stats,
-    }
-    if protector.method == "cuda":
-        summary["config"]["surrogate"] = None
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    save_preview(ds, protected, columns.image, tmp / "preview.png")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    summary = write_output(out_dir, args, ds, protected, protector, fit_seconds=round(fit_s, 2),
+                           map_seconds=round(map_s, 2), seconds=round(time.time() - started, 2))  # fmt: skip
+    stats = summary
     bound = "none (CUDA is unbounded)" if protector.config.epsilon is None else f"{round(protector.config.epsilon * 255)}/255"
     print(
         f"protected {summary['images']} images with {protector.method.upper()} in {summary['seconds']:.1f} s "
