@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import yaml
 
-from helpers import REPO, SHARED
+from helpers import SHARED
 from hub_server import LocalHub
 from test_distributed import SCRIPT, script_env
 
