@@ -63,6 +63,7 @@ def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
     assert meta["license"] == "cc-by-4.0"
     assert "unlearnable-examples" in meta["tags"]
     assert meta["uexamples"]["method"] == "cuda" and meta["uexamples"]["seed"] == 0
+    assert meta["uexamples"]["source"] == "breastmnist" and meta["uexamples"]["split"] == "train"
     assert meta["uexamples"]["epsilon"] is None and meta["uexamples"]["evaluated"] is True
     assert "dataset_info" in meta and "configs" in meta  # what push_to_hub wrote is kept
     assert "Never re-encode the images as JPEG" in text and "@inproceedings{sadasivan2023cuda" in text

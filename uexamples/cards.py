@@ -78,6 +78,7 @@ def card_metadata(summary: dict[str, Any], license: str, evaluated: bool = False
             "epsilon": eps,
             "epsilon_levels": None if eps is None else round(eps * 255),
             "seed": cfg.get("seed"),
+            "source": (src if not Path(src).exists() else Path(src).name) if src else "uexamples embedded CIFAR-10 sample",
             "split": (summary.get("source") or {}).get("split"),
             "evaluated": evaluated,
         },
