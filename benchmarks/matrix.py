@@ -139,9 +139,16 @@ def table() -> str:
     for dataset_files in _group(sorted(RESULTS.glob("matrix_*.json"))):
         reps = [json.loads(p.read_text()) for p in dataset_files]
         first = reps[0]
-        methods = list(first["generation"])
+        # parts may hold other methods for the same countermeasures: merge them row by row
+        generation = {m: g for rep in reps for m, g in rep["generation"].items()}
+        methods = list(generation)
+        rows: dict[str, dict] = {}
+        for rep in reps:
+            for label, row in rep["results"].items():
+                merged = rows.setdefault(label, {"clean": row["clean"], "methods": {}})
+                merged["methods"].update(row["methods"])
         v = first["victim"]
-        gen = ", ".join(f"{m} {first['generation'][m]['generation_seconds']:.0f} s" for m in methods)
+        gen = ", ".join(f"{m} {g['generation_seconds']:.0f} s" for m, g in generation.items())
         lines = [
             f"**{first['dataset']}** ({first['train_images']} train / {first['test_images']} test, {first['scale']} scale, "
             f"preset {first['preset']}), victim {v['arch']} {v['epochs']} epochs, seed {v['seed']}; generation: {gen}. "
@@ -150,19 +157,18 @@ def table() -> str:
             "| countermeasure | clean | " + " | ".join(methods) + " | best method / clean |",
             "|---|---:|" + "---:|" * len(methods) + "---:|",
         ]
-        for rep in reps:
-            for label, row in rep["results"].items():
-                c = row["clean"]["final_accuracy"]
-                cells, best = [], 1.0
-                for m in methods:
-                    r = row["methods"].get(m)
-                    if r is None:
-                        cells.append("-")
-                        continue
-                    text = f"{100 * r['final_accuracy']:.1f} ({100 * r['best_accuracy']:.1f})"
-                    cells.append(f"**{text}**" if r["final_accuracy"] <= c / 2 else text)
-                    best = min(best, r["final_accuracy"] / c)
-                lines.append(f"| {label} | {100 * c:.1f} ({100 * row['clean']['best_accuracy']:.1f}) | " + " | ".join(cells) + f" | {best:.2f} |")
+        for label, row in rows.items():
+            c = row["clean"]["final_accuracy"]
+            cells, best = [], 1.0
+            for m in methods:
+                r = row["methods"].get(m)
+                if r is None:
+                    cells.append("-")
+                    continue
+                text = f"{100 * r['final_accuracy']:.1f} ({100 * r['best_accuracy']:.1f})"
+                cells.append(f"**{text}**" if r["final_accuracy"] <= c / 2 else text)
+                best = min(best, r["final_accuracy"] / c)
+            lines.append(f"| {label} | {100 * c:.1f} ({100 * row['clean']['best_accuracy']:.1f}) | " + " | ".join(cells) + f" | {best:.2f} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
