@@ -22,12 +22,11 @@ import datasets
 import torch
 
 import uexamples as ue
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.core.loading import load_split
 from uexamples.evaluation import train_victim
 from uexamples.evaluation.metrics import dataset_quality
 
-CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 OUT = RESULTS / "cuda_strength.json"
 
 

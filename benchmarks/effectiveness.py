@@ -22,10 +22,9 @@ import datasets
 import torch
 
 import uexamples as ue
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
-CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 
 
 def make_protector(method: str, preset: str, seed: int):

@@ -27,7 +27,7 @@ import datasets
 import torch
 
 import uexamples as ue
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.core.loading import load_split
 from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
 from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
@@ -35,7 +35,6 @@ from uexamples.evaluation.countermeasures import Countermeasure, PartialProtecti
 HERE = Path(__file__).parent
 CACHE = HERE / ".cache"
 
-CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 ALL = "standard,cutout,mixup,grayscale,jpeg:10,bitdepth:2,blur:1,adv:4/255,adv:8/255,partial:0.5"
 
 SCALES = {

@@ -8,7 +8,7 @@
         hub_scripts/protect.py --dataset ../shared/datasets/cifar10-10k --method cuda --output out/
 
 Takes the options of ``uexamples protect`` plus ``--push-to-hub REPO_ID``, ``--private``,
-``--chunk-size``, ``--fit-shards`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
+``--chunk-size``, ``--fit-shards``, ``--fit-checkpoint-steps`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
 in the card).
 
 How the work is split: the fit is data-parallel (the surrogate trains through
@@ -17,8 +17,9 @@ the split into chunks of ``--chunk-size`` rows and each process maps one contigu
 the chunks are concatenated in the original order. Noise depends only on the image, the seed and
 the fitted surrogate, so the dataset does not depend on the number of processes or the batch size.
 
-Resuming: the state lives in ``OUTPUT.work/`` (the fitted protector and every finished chunk, each
-written to a temporary name and renamed when complete). Launching the same command again after a
+Resuming: the state lives in ``OUTPUT.work/`` (a checkpoint of the unfinished fit every
+``--fit-checkpoint-steps`` steps, the fitted protector and every finished chunk, each written to a
+temporary name and renamed when complete). Launching the same command again after a
 crash reuses them; different arguments are refused. The final folder is assembled as
 ``OUTPUT.partial`` and renamed, and a rerun with a finished ``OUTPUT`` only (re)tries the push.
 
@@ -48,10 +49,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=1000, help="rows per map chunk (the unit of resuming)")
     p.add_argument("--fit-shards", type=int, default=None,
                    help="batch-norm shards of each fit batch (default 2; keep it fixed to get the same result on 1 or 2 processes)")  # fmt: skip
+    p.add_argument("--fit-checkpoint-steps", type=int, default=100,
+                   help="save the unfinished fit every N steps, so that a killed fit goes on from there (default 100)")  # fmt: skip
     p.add_argument("--evaluation", help="a `uexamples evaluate` output folder whose table goes into the card")
     args = p.parse_args(argv)
     if args.chunk_size < 1:
         p.error("--chunk-size must be >= 1")
+    if args.fit_checkpoint_steps < 1:
+        p.error("--fit-checkpoint-steps must be >= 1")
     return args
 
 
@@ -60,7 +65,7 @@ def run_identity(args: argparse.Namespace, key: int | None) -> dict:
     from uexamples import __version__
     from uexamples.methods.cuda import key_fingerprint
 
-    skip = {"quiet", "overwrite", "push_to_hub", "private", "key", "evaluation", "output", "device"}
+    skip = {"quiet", "overwrite", "push_to_hub", "private", "key", "evaluation", "output", "device", "fit_checkpoint_steps"}
     ident = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
     ident["key_fingerprint"] = key_fingerprint(key) if key is not None else None
     ident["uexamples"] = __version__
@@ -109,12 +114,15 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
         if hasattr(protector.config, "fit_shards"):
             protector.config.fit_shards = args.fit_shards or max(2, accelerator.num_processes)
         t0 = time.time()
-        protector.fit(ds, progress=not args.quiet and main_process, accelerator=accelerator)
+        protector.fit(ds, progress=not args.quiet and main_process, accelerator=accelerator,
+                      checkpoint_dir=work / "fit-progress", checkpoint_every=args.fit_checkpoint_steps)  # fmt: skip
         fit_s = time.time() - t0
         if main_process:
             tmp = work / "fit.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             protector.save_pretrained(tmp)
+            stats = getattr(protector, "fit_stats", None)  # steps, surrogate accuracy, step a resumed fit began at
+            (tmp / "fit_stats.json").write_text(json.dumps(stats, default=str))
             tmp.rename(fit_dir)
         accelerator.wait_for_everyone()
     # every process maps with the saved protector: a resumed run is the same as a fresh one
@@ -144,8 +152,10 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
     # ---------------------------------------------------------------- assemble in the original order
     parts = [datasets.load_from_disk(str(chunk_dir / f"chunk-{c:06d}")) for c in range(len(chunks))]
     protected = datasets.concatenate_datasets(parts)
+    stats_file = fit_dir / "fit_stats.json"
+    fit_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
     write_output(out_dir, args, ds, protected, protector, processes=accelerator.num_processes, chunks=len(chunks),
-                 chunks_reused=reused, fit_seconds=round(fit_s, 2), map_seconds=round(map_s, 2))  # fmt: skip
+                 chunks_reused=reused, fit_seconds=round(fit_s, 2), map_seconds=round(map_s, 2), fit=fit_stats)  # fmt: skip
     print(f"protected {len(ds)} images on {accelerator.num_processes} process(es): map {map_s:.1f} s -> {out_dir}", flush=True)
 
 

@@ -101,3 +101,30 @@ def test_killed_run_resumes_and_ends_with_the_same_dataset(one_process, tmp_path
     # a finished output is not generated again
     again = run(cmd, env)
     assert "nothing to generate" in again.stdout
+
+
+def test_run_killed_during_the_fit_goes_on_from_the_fit_checkpoint(tmp_path):
+    args = [sys.executable, SCRIPT, "--method", "sem", "--train-steps", "24", "--quiet", "--fit-checkpoint-steps", "5"]
+    env = script_env(tmp_path)
+    reference = tmp_path / "reference"
+    run([*args, "--output", str(reference)], env)
+
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([*args, "--output", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+    checkpoint = out.with_name("resumed.work") / "fit-progress" / "fit-checkpoint.pt"
+    deadline = time.time() + 400
+    while not checkpoint.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # a real kill, mid-fit
+    proc.wait()
+    assert not (out.with_name("resumed.work") / "fit").exists(), "the fit finished before it could be killed"
+    run([*args, "--output", str(out)], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["fit"]["resumed_at_step"] >= 5 and summary["fit"]["steps"] == 24
+    assert json.loads((reference / "summary.json").read_text())["fit"]["resumed_at_step"] == 0
+    assert not checkpoint.exists()
+    a, la = pixels(reference)
+    b, lb = pixels(out)
+    assert la == lb and np.array_equal(a, b)

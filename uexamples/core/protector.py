@@ -119,13 +119,24 @@ class Protector:
         self._columns: Columns | None = None
         self._runtime: dict[str, Any] = {}  # models and tensors built lazily; never pickled
         self._accelerator: Any = None  # set only during a data-parallel fit
+        self._checkpoint: tuple[Any, int] | None = None  # (directory, every) only during a checkpointed fit
 
     # ------------------------------------------------------------------ public API
-    def fit(self, dataset: datasets.Dataset, progress: bool = True, accelerator: Any = None) -> "Protector":
+    def fit(
+        self,
+        dataset: datasets.Dataset,
+        progress: bool = True,
+        accelerator: Any = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 100,
+    ) -> "Protector":
         """Fit the protector on ``dataset`` (a ``datasets.Dataset``) and return ``self``.
 
         ``accelerator``: an ``accelerate.Accelerator``; with several processes, surrogate-based
         methods fit data-parallel (every process must call ``fit`` with the same dataset).
+        ``checkpoint_dir``: surrogate-based methods save their fit there every ``checkpoint_every``
+        steps and, called again after a kill, go on from the last checkpoint to the same result
+        (``core.checkpoint``).
         """
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"fit expects a datasets.Dataset, got {type(dataset).__name__} (pick a split: ds['train'])")
@@ -138,10 +149,12 @@ class Protector:
             labels = np.asarray(dataset[self._columns.label])
             self.num_classes = int(labels.max()) + 1
         self._accelerator = accelerator
+        self._checkpoint = (checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
         try:
             self._fit(dataset, self._columns, progress=progress)
         finally:
             self._accelerator = None
+            self._checkpoint = None
         self.fitted = True
         return self
 
@@ -290,6 +303,7 @@ class Protector:
         self._columns = Columns(**state["columns"]) if state.get("columns") else None
         self._runtime = {}
         self._accelerator = None
+        self._checkpoint = None
         if self.fitted:
             self._load_fitted(state["fitted_meta"], state["arrays"])
 

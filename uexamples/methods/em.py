@@ -72,6 +72,13 @@ class EMProtect(MinMinProtector):
             shape = (self.num_classes, *x_all.shape[1:])
             self._runtime["class_noise"] = ((torch.rand(shape, generator=gen) * 2 - 1) * eps).to(self.device)
 
+    def _fit_state(self) -> dict[str, torch.Tensor]:
+        return {"class_noise": self._runtime["class_noise"].cpu()} if self.class_wise else {}
+
+    def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.class_wise:
+            self._runtime["class_noise"] = state["class_noise"].to(self.device)
+
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
         if not self.class_wise:
             return super()._fit_noise(model, x, y, idx, rnd, grey)

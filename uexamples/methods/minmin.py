@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..core.additive import AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
+from ..core.checkpoint import FitCheckpoint
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import load_split
@@ -248,9 +249,26 @@ class MinMinProtector(AdditiveProtector):
         bs -= bs % dp.shards  # equal shards
         rows = dp.local_rows(bs)
         order, pos = torch.randperm(n, generator=gen), 0
-        acc_ema, started = None, time.time()
+        acc_ema, started, first = None, time.time(), 0
+        ckpt = None
+        if self._checkpoint is not None:
+            # not the number of processes: with the same fit_shards the state is the same on any number
+            identity = {"config": self.public_config(), "rows": n, "num_classes": self.num_classes}
+            ckpt = FitCheckpoint(self._checkpoint[0], self._checkpoint[1], identity, dp.rank)
+            saved = ckpt.load()
+            if saved is not None:  # go on from the last checkpoint: same state, same random numbers
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                gen.set_state(saved["generator"])
+                torch.set_rng_state(saved["torch_rng"])
+                order, pos, acc_ema, first = saved["order"], int(saved["pos"]), saved["acc_ema"], int(saved["step"])
+                self.passes = int(saved["passes"])
+                self._restore_fit_state(saved["method_state"])
         desc_bar = f"Fitting {self.method.upper()} surrogate"
-        bar = tqdm(range(cfg.train_steps), desc=desc_bar, disable=not progress or dp.rank != 0)
+        bar = tqdm(range(first, cfg.train_steps), desc=desc_bar, disable=not progress or dp.rank != 0,
+                   initial=first, total=cfg.train_steps)  # fmt: skip
+        step = first - 1
         for step in bar:
             if pos + bs > n:
                 order, pos = torch.randperm(n, generator=gen), 0
@@ -268,12 +286,22 @@ class MinMinProtector(AdditiveProtector):
                 bar.set_postfix(train_acc=f"{acc_ema:.3f}")
             if cfg.stop_at_train_accuracy is not None and step >= 20 and acc_ema >= cfg.stop_at_train_accuracy:
                 break
+            if ckpt is not None and ckpt.due(step + 1, cfg.train_steps):
+                ckpt.save({
+                    "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                    "order": order, "pos": pos, "acc_ema": acc_ema, "passes": self.passes,
+                    "method_state": self._fit_state(),
+                })  # fmt: skip
         bar.close()
-        self.fit_stats = {"steps": step + 1, "train_accuracy": acc_ema, "seconds": time.time() - started, "processes": dp.world}
+        self.fit_stats = {"steps": step + 1, "train_accuracy": acc_ema, "seconds": time.time() - started,
+                          "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
         self._runtime.update(model=model)
         self._runtime.pop("dp", None)
         self._finish_fit(model, x_all, y_all, grey_all, gen)
+        if ckpt is not None:
+            ckpt.remove()
 
     def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over the processes of a data-parallel fit (itself on one process)."""
@@ -285,6 +313,13 @@ class MinMinProtector(AdditiveProtector):
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
+
+    def _fit_state(self) -> dict[str, torch.Tensor]:
+        """Hook: the method's own loop state for a fit checkpoint (tensors)."""
+        return {}
+
+    def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Hook: put back what ``_fit_state`` saved."""
 
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
         cfg = self.config
