@@ -4,11 +4,12 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import SHARED
+from helpers import REPO, SHARED
 from hub_server import LocalHub
 from test_distributed import SCRIPT, script_env
 
@@ -110,3 +111,13 @@ def test_hub_errors_are_clear_and_a_rerun_finishes(tmp_path, local_hub, pattern,
     assert "nothing to generate" in again.stdout
     files = local_hub.repos[REPO_ID].files
     assert "README.md" in files and json.dumps(sorted(files)).count("parquet") == 1
+
+
+def test_card_template_ships_inside_the_package():
+    """publish() must work from an installed wheel: the package links (and wheels copy) cards/dataset_card.md."""
+    import uexamples as ue
+    from uexamples.cards import TEMPLATE
+
+    assert TEMPLATE.is_relative_to(Path(ue.__file__).parent)
+    assert TEMPLATE.resolve() == (REPO / "cards" / "dataset_card.md").resolve()
+    assert "{{ pretty_name }}" in TEMPLATE.read_text()

@@ -13,7 +13,8 @@ from typing import Any
 
 from . import __version__
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "cards" / "dataset_card.md"
+# uexamples/templates/dataset_card.md links to the repository's cards/dataset_card.md; wheels carry a copy
+TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md"
 
 METHODS = {
     "sem": (
