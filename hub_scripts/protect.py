@@ -90,6 +90,7 @@ def atomic_save(ds, final: Path) -> None:
 
 def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> None:
     import datasets
+    import torch
 
     from uexamples import Protector
     from uexamples.cli import CLIError, build_protector, load_any_dataset, write_output
@@ -146,6 +147,7 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
         atomic_save(part, final)
     accelerator.wait_for_everyone()
     map_s = time.time() - t_map
+    reused = int(accelerator.reduce(torch.tensor([reused], device=accelerator.device), reduction="sum").item())
     if not main_process:
         return
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,7 @@ def test_two_processes_give_the_same_dataset(one_process, tmp_path):
     run(cmd, script_env(tmp_path, ACCELERATE_USE_CPU="1"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["chunks"] == 8 and summary["images"] == 500
+    assert summary["chunks_reused"] == 0
     a, la = pixels(one_process)
     b, lb = pixels(out)
     assert la == lb and a.shape == b.shape
@@ -66,6 +68,12 @@ def test_two_processes_give_the_same_dataset(one_process, tmp_path):
     # same surrogate and same noise; floating-point summation order may move a few values by one level
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     assert np.abs(a - pixels_source()).max() > 0  # and it is protected
+    # resumed on two processes with every chunk done: all are reused, counted over both processes
+    shutil.rmtree(out)
+    run(cmd, script_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    again = json.loads((out / "summary.json").read_text())
+    assert again["chunks_reused"] == 8 and again["fit_seconds"] == 0
+    assert np.array_equal(pixels(out)[0], b)
 
 
 def pixels_source() -> np.ndarray:
