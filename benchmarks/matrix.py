@@ -13,7 +13,8 @@ GPU scale (a lent GPU: CIFAR-10 50k JPEG source, CIFAR ResNet-18, the papers' pr
 
     python benchmarks/matrix.py --scale gpu
 
-Results: benchmarks/results/matrix_<dataset>_<part>.json; ``--table`` prints the merged Markdown table.
+Results: benchmarks/results/matrix_<dataset>_<part>.json; ``--table`` prints the merged Markdown table
+and draws the heatmap results/matrix_<dataset>.png.
 """
 
 from __future__ import annotations
@@ -133,19 +134,25 @@ def run(args) -> None:
         out_path.write_text(json.dumps(report, indent=2))
 
 
+def merged(dataset_files) -> tuple[dict, dict, dict]:
+    """(first report, generation per method, rows per countermeasure) of one dataset's result parts."""
+    reps = [json.loads(p.read_text()) for p in dataset_files]
+    # parts may hold other methods for the same countermeasures: merge them row by row
+    generation = {m: g for rep in reps for m, g in rep["generation"].items()}
+    rows: dict[str, dict] = {}
+    for rep in reps:
+        for label, row in rep["results"].items():
+            merged_row = rows.setdefault(label, {"clean": row["clean"], "methods": {}})
+            merged_row["methods"].update(row["methods"])
+    return reps[0], generation, rows
+
+
 def table() -> str:
+    """The Markdown table of every dataset's results; also redraws results/matrix_<dataset>.png."""
     blocks = []
     for dataset_files in _group(sorted(RESULTS.glob("matrix_*.json"))):
-        reps = [json.loads(p.read_text()) for p in dataset_files]
-        first = reps[0]
-        # parts may hold other methods for the same countermeasures: merge them row by row
-        generation = {m: g for rep in reps for m, g in rep["generation"].items()}
+        first, generation, rows = merged(dataset_files)
         methods = list(generation)
-        rows: dict[str, dict] = {}
-        for rep in reps:
-            for label, row in rep["results"].items():
-                merged = rows.setdefault(label, {"clean": row["clean"], "methods": {}})
-                merged["methods"].update(row["methods"])
         v = first["victim"]
         gen = ", ".join(f"{m} {g['generation_seconds']:.0f} s" for m, g in generation.items())
         lines = [
@@ -169,7 +176,39 @@ def table() -> str:
                 best = min(best, r["final_accuracy"] / c)
             lines.append(f"| {label} | {100 * c:.1f} ({100 * row['clean']['best_accuracy']:.1f}) | " + " | ".join(cells) + f" | {best:.2f} |")
         blocks.append("\n".join(lines))
+        heatmap(first["dataset"], methods, rows, RESULTS / f"matrix_{first['dataset']}.png")
     return "\n\n".join(blocks)
+
+
+def heatmap(dataset: str, methods: list[str], rows: dict, path: Path) -> None:
+    """Victim accuracy / clean accuracy per method and countermeasure: at most 0.5 (green) is the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(rows)
+    ratio = np.full((len(labels), len(methods)), np.nan)
+    for i, label in enumerate(labels):
+        c = rows[label]["clean"]["final_accuracy"]
+        for j, m in enumerate(methods):
+            if m in rows[label]["methods"]:
+                ratio[i, j] = rows[label]["methods"][m]["final_accuracy"] / c
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 0.45 * len(labels) + 1.5))
+    im = ax.imshow(ratio, cmap="RdYlGn_r", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(methods)):
+            if not np.isnan(ratio[i, j]):
+                ax.text(j, i, f"{ratio[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                        fontweight="bold" if ratio[i, j] <= 0.5 else "normal")  # fmt: skip
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_title(f"{dataset}: victim accuracy / clean accuracy (target <= 0.5)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _group(paths):
