@@ -195,8 +195,8 @@ def heatmap(dataset: str, methods: list[str], rows: dict, path: Path) -> None:
         for j, m in enumerate(methods):
             if m in rows[label]["methods"]:
                 ratio[i, j] = rows[label]["methods"][m]["final_accuracy"] / c
-    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2.5, 0.45 * len(labels) + 1.5))
-    im = ax.imshow(ratio, cmap="RdYlGn_r", vmin=0, vmax=1)
+    fig, ax = plt.subplots(figsize=(0.9 * len(methods) + 3.2, 0.45 * len(labels) + 1.2))
+    im = ax.imshow(ratio, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
     for i in range(len(labels)):
         for j in range(len(methods)):
             if not np.isnan(ratio[i, j]):
@@ -204,10 +204,10 @@ def heatmap(dataset: str, methods: list[str], rows: dict, path: Path) -> None:
                         fontweight="bold" if ratio[i, j] <= 0.5 else "normal")  # fmt: skip
     ax.set_xticks(range(len(methods)), methods)
     ax.set_yticks(range(len(labels)), labels)
-    ax.set_title(f"{dataset}: victim accuracy / clean accuracy (target <= 0.5)", fontsize=10)
+    ax.set_title(f"{dataset}: victim acc. / clean acc.\n(target <= 0.5, blank = not run)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
