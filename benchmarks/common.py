@@ -11,6 +11,29 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 
 
+def make_protector(spec: str, preset: str, seed: int, device: str | None = None):
+    """The protector a benchmark's method name stands for.
+
+    ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``), ``em-classwise``, or either
+    with ``@N`` for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255).
+    """
+    import uexamples as ue
+
+    method, _, budget = spec.partition("@")
+    kwargs: dict = {"preset": preset}
+    if budget:
+        if method == "cuda":
+            raise ValueError("CUDA has no L-inf budget: 'cuda@N' means nothing")
+        kwargs["epsilon"] = float(budget) / 255
+    if method == "cuda":
+        return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, **kwargs)
+    if device is not None:
+        kwargs["device"] = device
+    if method == "em-classwise":
+        return ue.EMProtect(seed=seed, noise_type="class-wise", **kwargs)
+    return ue.get_method(method)(seed=seed, **kwargs)
+
+
 def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", action="store_true", help="print the Markdown table of the committed results and exit")

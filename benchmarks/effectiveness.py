@@ -20,19 +20,15 @@ from pathlib import Path
 
 import datasets
 import torch
+from common import (
+    RESULTS,
+    SHARED_DATASETS,
+    benchmark_parser,
+    dispatch,
+    make_protector,
+)
 
-import uexamples as ue
-from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.evaluation import dataset_to_tensors, train_victim
-
-
-
-def make_protector(method: str, preset: str, seed: int):
-    if method == "cuda":
-        return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, preset=preset)
-    if method == "em-classwise":
-        return ue.EMProtect(preset=preset, seed=seed, noise_type="class-wise")
-    return ue.get_method(method)(preset=preset, seed=seed)
 
 
 def run(args) -> dict:

@@ -26,9 +26,14 @@ from pathlib import Path
 
 import datasets
 import torch
+from common import (
+    RESULTS,
+    SHARED_DATASETS,
+    benchmark_parser,
+    dispatch,
+    make_protector,
+)
 
-import uexamples as ue
-from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
 from uexamples.core.loading import load_split
 from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
 from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
@@ -45,12 +50,6 @@ SCALES = {
     "gpu": dict(dataset="cifar10-jpeg", methods="sem,em,rem,cuda", preset="paper", victim="resnet18", epochs=40,
                 batch_size=128, adv_steps=10, device="cuda"),  # fmt: skip
 }
-
-
-def make_protector(method: str, preset: str, seed: int, device: str):
-    if method == "cuda":
-        return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, preset=preset)
-    return ue.get_method(method)(preset=preset, seed=seed, device=device)
 
 
 def protected_split(train: datasets.Dataset, name: str, method: str, preset: str, seed: int, device: str):
