@@ -11,16 +11,26 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 
 
-def make_protector(spec: str, preset: str, seed: int, device: str | None = None):
+def machine_info(**extra) -> dict:
+    """What a results file records about the machine it was measured on."""
+    import platform
+
+    import torch
+
+    return {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__, **extra}
+
+
+def make_protector(spec: str, preset: str, seed: int, device: str | None = None, **overrides):
     """The protector a benchmark's method name stands for.
 
     ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``), ``em-classwise``, or either
     with ``@N`` for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255).
+    ``overrides`` are further config fields (``kernel_size=5`` for CUDA).
     """
     import uexamples as ue
 
     method, _, budget = spec.partition("@")
-    kwargs: dict = {"preset": preset}
+    kwargs: dict = {"preset": preset, **overrides}
     if budget:
         if method == "cuda":
             raise ValueError("CUDA has no L-inf budget: 'cuda@N' means nothing")

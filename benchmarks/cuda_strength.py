@@ -14,15 +14,13 @@ Results: benchmarks/results/cuda_strength.json; ``--table`` prints the table.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import datasets
 import torch
 
-import uexamples as ue
-from common import CUDA_BENCH_KEY, RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
 from uexamples.core.loading import load_split
 from uexamples.evaluation import train_victim
 from uexamples.evaluation.metrics import dataset_quality
@@ -45,7 +43,7 @@ def run(args) -> None:
             "dataset": path.name,
             "train_images": len(train),
             "victim": {k: v for k, v in victim.items() if k != "progress"},
-            "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+            "machine": machine_info(),
             "clean": base.to_dict(),
             "settings": {},
         }
@@ -53,7 +51,7 @@ def run(args) -> None:
         if setting in report["settings"]:
             continue
         k, p_b = setting.split(":")
-        protector = ue.CUDAProtect(key=CUDA_BENCH_KEY + args.seed, kernel_size=int(k), max_weight=float(p_b))
+        protector = make_protector("cuda", "fast", args.seed, kernel_size=int(k), max_weight=float(p_b))
         t0 = time.time()
         protected = train.map(protector.fit(train, progress=False), batched=True, load_from_cache_file=False)
         seconds = time.time() - t0

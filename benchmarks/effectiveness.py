@@ -14,20 +14,13 @@ of every results file (pasted into benchmarks/README.md).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import datasets
 import torch
-from common import (
-    RESULTS,
-    SHARED_DATASETS,
-    benchmark_parser,
-    dispatch,
-    make_protector,
-)
 
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
 
@@ -50,7 +43,7 @@ def run(args) -> dict:
         "test_images": len(test),
         "preset": args.preset,
         "victim": {k: v for k, v in victim.items() if k != "progress"},
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine_info(),
         "clean": clean.to_dict(),
         "methods": {},
     }

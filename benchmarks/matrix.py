@@ -20,20 +20,14 @@ and draws the heatmap results/matrix_<dataset>.png.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
-from common import (
-    RESULTS,
-    SHARED_DATASETS,
-    benchmark_parser,
-    dispatch,
-    make_protector,
-)
 
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
 from uexamples.core.loading import load_split
 from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
 from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
@@ -109,8 +103,7 @@ def run(args) -> None:
         "test_images": len(test),
         "preset": scale["preset"],
         "victim": {"arch": scale["victim"], "epochs": scale["epochs"], "batch_size": scale["batch_size"], "seed": args.seed},
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-                    "device": str(scale["device"])},  # fmt: skip
+        "machine": machine_info(device=str(scale["device"])),
         "generation": generation,
         "results": {},
     }
@@ -162,38 +155,42 @@ def table() -> str:
             "| countermeasure | clean | " + " | ".join(methods) + " | best method / clean |",
             "|---|---:|" + "---:|" * len(methods) + "---:|",
         ]
-        for label, row in rows.items():
-            c = row["clean"]["final_accuracy"]
+        ratio = ratios(methods, rows)
+        for i, (label, row) in enumerate(rows.items()):
             cells, best = [], 1.0
-            for m in methods:
+            for j, m in enumerate(methods):
                 r = row["methods"].get(m)
                 if r is None:
                     cells.append("-")
                     continue
                 text = f"{100 * r['final_accuracy']:.1f} ({100 * r['best_accuracy']:.1f})"
-                cells.append(f"**{text}**" if r["final_accuracy"] <= c / 2 else text)
-                best = min(best, r["final_accuracy"] / c)
-            lines.append(f"| {label} | {100 * c:.1f} ({100 * row['clean']['best_accuracy']:.1f}) | " + " | ".join(cells) + f" | {best:.2f} |")
+                cells.append(f"**{text}**" if ratio[i, j] <= 0.5 else text)
+                best = min(best, ratio[i, j])
+            clean = row["clean"]
+            lines.append(f"| {label} | {100 * clean['final_accuracy']:.1f} ({100 * clean['best_accuracy']:.1f}) | "
+                         + " | ".join(cells) + f" | {best:.2f} |")  # fmt: skip
         blocks.append("\n".join(lines))
-        heatmap(first["dataset"], methods, rows, RESULTS / f"matrix_{first['dataset']}.png")
+        heatmap(first["dataset"], methods, list(rows), ratio, RESULTS / f"matrix_{first['dataset']}.png")
     return "\n\n".join(blocks)
 
 
-def heatmap(dataset: str, methods: list[str], rows: dict, path: Path) -> None:
-    """Victim accuracy / clean accuracy per method and countermeasure: at most 0.5 (green) is the target."""
+def ratios(methods: list[str], rows: dict) -> np.ndarray:
+    """Victim final accuracy / clean final accuracy, countermeasures x methods (NaN where not run)."""
+    ratio = np.full((len(rows), len(methods)), np.nan)
+    for i, row in enumerate(rows.values()):
+        for j, m in enumerate(methods):
+            if m in row["methods"]:
+                ratio[i, j] = row["methods"][m]["final_accuracy"] / row["clean"]["final_accuracy"]
+    return ratio
+
+
+def heatmap(dataset: str, methods: list[str], labels: list[str], ratio: np.ndarray, path: Path) -> None:
+    """The ``ratios`` as a picture: at most 0.5 (green) is the target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    labels = list(rows)
-    ratio = np.full((len(labels), len(methods)), np.nan)
-    for i, label in enumerate(labels):
-        c = rows[label]["clean"]["final_accuracy"]
-        for j, m in enumerate(methods):
-            if m in rows[label]["methods"]:
-                ratio[i, j] = rows[label]["methods"][m]["final_accuracy"] / c
     fig, ax = plt.subplots(figsize=(0.9 * len(methods) + 3.2, 0.45 * len(labels) + 1.2))
     im = ax.imshow(ratio, cmap="RdYlGn_r", vmin=0, vmax=1, aspect="auto")
     for i in range(len(labels)):

@@ -10,7 +10,6 @@ compute; the target is at most 1.5.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import uexamples as ue
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info
 from uexamples.methods.minmin import to_fast_layout
 from uexamples.surrogates import build_surrogate
 
@@ -56,7 +55,7 @@ def run(args) -> dict:
     report = {
         "dataset": Path(args.dataset).name,
         "images": args.images,
-        "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine_info(),
         "methods": {},
     }
     for method in args.methods.split(","):
