@@ -23,8 +23,9 @@ def machine_info(**extra) -> dict:
 def make_protector(spec: str, preset: str, seed: int, device: str | None = None, **overrides):
     """The protector a benchmark's method name stands for.
 
-    ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``), ``em-classwise``, or either
-    with ``@N`` for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255).
+    ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``), ``em-classwise``,
+    ``cuda-paper`` (CUDA with the paper's filters whatever ``preset`` says), or any of them with ``@N``
+    for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255).
     ``overrides`` are further config fields (``kernel_size=5`` for CUDA).
     """
     import uexamples as ue
@@ -35,6 +36,8 @@ def make_protector(spec: str, preset: str, seed: int, device: str | None = None,
         if method == "cuda":
             raise ValueError("CUDA has no L-inf budget: 'cuda@N' means nothing")
         kwargs["epsilon"] = float(budget) / 255
+    if method == "cuda-paper":
+        method, kwargs["preset"] = "cuda", "paper"
     if method == "cuda":
         return ue.CUDAProtect(key=CUDA_BENCH_KEY + seed, **kwargs)
     if device is not None:

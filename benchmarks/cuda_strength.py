@@ -6,9 +6,15 @@ one victim per setting on the CUDA-protected cifar10-10k train split (the matrix
 smallcnn, 10 epochs) next to the clean baseline of the same run, and reports PSNR/SSIM of the
 protected images, so that a preset can be chosen by measurement rather than by guess.
 
-    python benchmarks/cuda_strength.py --settings 3:0.3,3:0.6,3:1.0,5:0.3,5:0.6
+A setting is ``k:p_b`` or ``k:p_b:draws`` (``filter_draws``), with ``#n`` for the n-th other
+benchmark key: CUDA's filters are drawn from the key, so the spread over keys says how much of a
+result is the key's luck.
 
-Results: benchmarks/results/cuda_strength.json; ``--table`` prints the table.
+    python benchmarks/cuda_strength.py --settings 3:0.3,3:0.6,3:1.0,5:0.3,5:0.6
+    python benchmarks/cuda_strength.py --resume --settings 3:0.3#1,3:0.3#2
+
+Results: benchmarks/results/cuda_strength.json; ``--table`` prints the table; ``--picture`` draws
+results/cuda_strength.png (the same images under the clean, paper, fast and k=5 settings).
 """
 
 from __future__ import annotations
@@ -26,6 +32,34 @@ from uexamples.evaluation import train_victim
 from uexamples.evaluation.metrics import dataset_quality
 
 OUT = RESULTS / "cuda_strength.json"
+PICTURE_ROWS = {"clean": None, "paper (k=3, p_b=0.3)": dict(preset="paper"), "fast (k=3, p_b=1, 64 draws)": dict(preset="fast"),
+                "k=5, p_b=0.3": dict(preset="paper", kernel_size=5), "k=7, p_b=0.3": dict(preset="paper", kernel_size=7)}  # fmt: skip
+
+
+def picture(dataset: str, n: int = 10) -> Path:
+    """The first ``n`` training images under each row's filters, one row per setting, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    train = datasets.load_dataset(dataset, split="train").select(range(n))
+    fig, axes = plt.subplots(len(PICTURE_ROWS), 1, figsize=(n * 0.9, len(PICTURE_ROWS) * 1.05))
+    for ax, (label, kwargs) in zip(axes, PICTURE_ROWS.items()):
+        ds = train
+        if kwargs is not None:
+            overrides = {k: v for k, v in kwargs.items() if k != "preset"}
+            protector = make_protector("cuda", kwargs["preset"], 0, **overrides)
+            ds = train.map(protector.fit(train, progress=False), batched=True, load_from_cache_file=False)
+        ax.imshow(np.concatenate([np.asarray(im.convert("RGB")) for im in ds["image"]], axis=1), interpolation="nearest")
+        ax.set_title(label, fontsize=9, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    path = RESULTS / "cuda_strength.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def run(args) -> None:
@@ -50,35 +84,65 @@ def run(args) -> None:
     for setting in args.settings.split(","):
         if setting in report["settings"]:
             continue
-        k, p_b = setting.split(":")
-        protector = make_protector("cuda", "fast", args.seed, kernel_size=int(k), max_weight=float(p_b))
+        filters, _, key_index = setting.partition("#")
+        k, p_b, draws = (filters + ":1").split(":")[:3]
+        key_seed = args.seed + int(key_index or 0)  # the victim's seed stays args.seed
+        protector = make_protector("cuda", "fast", key_seed, kernel_size=int(k), max_weight=float(p_b),
+                                   filter_draws=int(draws))  # fmt: skip
         t0 = time.time()
         protected = train.map(protector.fit(train, progress=False), batched=True, load_from_cache_file=False)
         seconds = time.time() - t0
         quality = dataset_quality(train, protected, "image", limit=1000)
         px = load_split(protected, "image", 32, "label").images
         res = train_victim(px, clean.labels, tst.images, tst.labels, desc=f"cuda {setting}", **victim)
-        report["settings"][setting] = {"kernel_size": int(k), "max_weight": float(p_b), "generation_seconds": round(seconds, 1),
-                                       "quality": quality, "victim": res.to_dict()}  # fmt: skip
+        entry = {"kernel_size": int(k), "max_weight": float(p_b), "filter_draws": int(draws), "key_index": int(key_index or 0),
+                 "generation_seconds": round(seconds, 1), "quality": quality, "victim": res.to_dict()}  # fmt: skip
         print(f"[{setting}] final {res.final_accuracy:.4f} psnr {quality['mean_psnr']:.1f}", flush=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(report, indent=2))
+        save_setting(report, setting, entry)
+
+
+def save_setting(report: dict, setting: str, entry: dict) -> None:
+    """Add one setting to the results file, re-reading it first: two sweeps may share the file."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if OUT.exists():
+        on_disk = json.loads(OUT.read_text())
+        if on_disk["clean"] == report["clean"]:
+            report["settings"] = {**on_disk["settings"], **report["settings"]}
+    report["settings"][setting] = entry
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(OUT)
 
 
 def table() -> str:
     rep = json.loads(OUT.read_text())
     c, v = rep["clean"], rep["victim"]
+    settings = sorted(rep["settings"].values(), key=lambda s: (s["kernel_size"], s["max_weight"], s.get("filter_draws", 1), s.get("key_index", 0)))  # fmt: skip
     lines = [
         f"{rep['dataset']} ({rep['train_images']} train), victim {v['arch']} {v['epochs']} epochs, seed {v['seed']}; "
-        f"clean baseline {100 * c['final_accuracy']:.1f} % final. PSNR/SSIM: mean over the first 1,000 protected images.",
+        f"clean baseline {100 * c['final_accuracy']:.1f} % final. PSNR/SSIM: mean over the first 1,000 protected images. "
+        "draws: candidates per class (1 = the paper's independent draws); key: benchmark key index.",
         "",
-        "| k | p_b | victim final | victim best | final / clean | PSNR (dB) | SSIM |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| k | p_b | draws | key | victim final | victim best | final / clean | PSNR (dB) | SSIM |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for s in rep["settings"].values():
+    for s in settings:
         r, q = s["victim"], s["quality"]
-        lines.append(f"| {s['kernel_size']} | {s['max_weight']} | {100 * r['final_accuracy']:.1f} % | {100 * r['best_accuracy']:.1f} % | "
+        lines.append(f"| {s['kernel_size']} | {s['max_weight']} | {s.get('filter_draws', 1)} | {s.get('key_index', 0)} | "
+                     f"{100 * r['final_accuracy']:.1f} % | {100 * r['best_accuracy']:.1f} % | "
                      f"{r['final_accuracy'] / c['final_accuracy']:.2f} | {q['mean_psnr']:.1f} | {q['mean_ssim']:.3f} |")  # fmt: skip
+    groups: dict[tuple, list[dict]] = {}
+    for s in settings:
+        groups.setdefault((s["kernel_size"], s["max_weight"], s.get("filter_draws", 1)), []).append(s)
+    lines += ["", "Settings measured with several keys (mean, min-max of the final accuracy):", "",
+              "| k | p_b | draws | keys | victim final, mean | min - max | PSNR mean (dB) |", "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (k, p_b, draws), group in groups.items():
+        if len(group) < 2:
+            continue
+        acc = [g["victim"]["final_accuracy"] for g in group]
+        psnr = sum(g["quality"]["mean_psnr"] for g in group) / len(group)
+        lines.append(f"| {k} | {p_b} | {draws} | {len(group)} | {100 * sum(acc) / len(acc):.1f} % | "
+                     f"{100 * min(acc):.1f} - {100 * max(acc):.1f} % | {psnr:.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -92,6 +156,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep the settings already in the results file")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--picture", action="store_true", help="only draw results/cuda_strength.png")
+    args = p.parse_args(argv)
+    if args.picture:
+        print(picture(args.dataset))
+        return
     dispatch(p, run, table, argv)
 
 

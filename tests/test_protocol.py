@@ -74,7 +74,7 @@ def test_cuda_key_changes_output(small_ds):
 
 
 def test_cuda_is_the_papers_filter(small_ds):
-    prot = ue.CUDAProtect(key=5).fit(small_ds, progress=False)
+    prot = ue.CUDAProtect(key=5, preset="paper").fit(small_ds, progress=False)
     f = prot.filters
     assert f.shape == (10, 3, 3)
     assert np.all((f == 1.0).sum(axis=(1, 2)) == 1) and np.all(f[f != 1.0] < 0.3) and np.all(f >= 0)
@@ -87,6 +87,31 @@ def test_cuda_is_the_papers_filter(small_ds):
     ref = np.rint(ref / ref.max() * 255).transpose(1, 2, 0)
     out = small_ds.select([0]).map(prot, batched=True, load_from_cache_file=False)[0]["image"]
     assert np.abs(np.asarray(out, dtype=np.int64) - ref).max() <= 1
+
+
+def test_cuda_separated_filters_keep_the_papers_distribution_and_spread_the_classes():
+    from itertools import combinations
+
+    from uexamples.methods.cuda import filter_spectra, make_filters
+
+    def closest_pair(f):
+        s = filter_spectra(f)
+        return min(np.sqrt(((s[i] - s[j]) ** 2).mean()) for i, j in combinations(range(len(f)), 2))
+
+    keys = range(8)
+    paper = [make_filters(k, 10, 3, 0.3) for k in keys]
+    separated = [make_filters(k, 10, 3, 0.3, draws=64) for k in keys]
+    for f in separated:  # the same family of filters: one tap at 1, the others in [0, 0.3)
+        assert np.all((f == 1.0).sum(axis=(1, 2)) == 1) and np.all(f[f != 1.0] < 0.3) and np.all(f >= 0)
+    # the closest two classes are farther apart for every key
+    assert all(closest_pair(s) > closest_pair(p) for s, p in zip(separated, paper))
+    # deterministic, and a class's filter does not depend on how many classes follow it
+    assert np.array_equal(make_filters(3, 10, 3, 0.3, draws=64), separated[3])
+    assert np.array_equal(make_filters(3, 4, 3, 0.3, draws=64), separated[3][:4])
+    # a protector with draws applies those filters; the presets are the paper's filters and p_b=1 separated
+    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10, preset="paper", filter_draws=64).filters, separated[3])
+    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10, preset="paper").filters, paper[3])
+    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10).filters, make_filters(3, 10, 3, 1.0, draws=64))
 
 
 # ---------------------------------------------------------------- fingerprints

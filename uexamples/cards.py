@@ -42,7 +42,7 @@ METHODS = {
     ),
     "cuda": (
         "CUDA (convolution-based unlearnable dataset)",
-        "Each class is blurred with its own private, randomly drawn 3x3 filter (Sadasivan et al., CVPR 2023). "
+        "Each class is blurred with its own private, randomly drawn filter (Sadasivan et al., CVPR 2023). "
         "The filters are derived from a private key that is not published.",
         "@inproceedings{sadasivan2023cuda,\n  title={CUDA: Convolution-based Unlearnable Datasets},\n"
         "  author={Sadasivan, Vinu Sankar and Soltanolkotabi, Mahdi and Feizi, Soheil},\n  booktitle={CVPR},\n  year={2023}\n}",
