@@ -36,6 +36,7 @@ from uexamples.evaluation.countermeasures import Countermeasure, PartialProtecti
 HERE = Path(__file__).parent
 CACHE = HERE / ".cache"
 
+COLUMN_ORDER = ["sem", "em", "cuda", "cuda-paper", "rem", "sem@16"]  # table and heatmap columns; others follow
 ALL = "standard,cutout,mixup,grayscale,jpeg:10,bitdepth:2,blur:1,adv:4/255,adv:8/255,partial:0.5"
 
 SCALES = {
@@ -155,9 +156,9 @@ def table() -> str:
     blocks = []
     for dataset_files in _group(sorted(RESULTS.glob("matrix_*.json"))):
         first, generation, rows = merged(dataset_files)
-        methods = list(generation)
+        methods = sorted(generation, key=lambda m: COLUMN_ORDER.index(m) if m in COLUMN_ORDER else len(COLUMN_ORDER))
         v = first["victim"]
-        gen = ", ".join(f"{m} {g['generation_seconds']:.0f} s" for m, g in generation.items())
+        gen = ", ".join(f"{m} {generation[m]['generation_seconds']:.0f} s" for m in methods)
         lines = [
             f"**{first['dataset']}** ({first['train_images']} train / {first['test_images']} test, {first['scale']} scale, "
             f"preset {first['preset']}), victim {v['arch']} {v['epochs']} epochs, seed {v['seed']}; generation: {gen}. "
