@@ -43,7 +43,9 @@ METHODS = {
     "cuda": (
         "CUDA (convolution-based unlearnable dataset)",
         "Each class is blurred with its own private, randomly drawn filter (Sadasivan et al., CVPR 2023). "
-        "The filters are derived from a private key that is not published.",
+        "The filters are derived from a private key that is not published. Preset `paper` is the published "
+        "setting; preset `fast` keeps its 3x3 filters but picks each class's filter, out of 64 keyed draws, as "
+        "the one that differs most from the others (a uexamples variant).",
         "@inproceedings{sadasivan2023cuda,\n  title={CUDA: Convolution-based Unlearnable Datasets},\n"
         "  author={Sadasivan, Vinu Sankar and Soltanolkotabi, Mahdi and Feizi, Soheil},\n  booktitle={CVPR},\n  year={2023}\n}",
     ),
