@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +46,18 @@ def make_protector(spec: str, preset: str, seed: int, device: str | None = None,
     if method == "em-classwise":
         return ue.EMProtect(seed=seed, noise_type="class-wise", **kwargs)
     return ue.get_method(method)(seed=seed, **kwargs)
+
+
+def keep_other_methods(path: Path, report: dict, rerun: list[str], signature: Callable[[dict], object]) -> dict:
+    """The ``methods`` rows of the results file at ``path`` for every method not in ``rerun``.
+
+    For ``--keep-others``: refused (SystemExit) unless ``signature`` of the file's report equals that of
+    the new ``report``, so that rows measured under another recipe or machine setting are never mixed.
+    """
+    old = json.loads(path.read_text())
+    if signature(old) != signature(report):
+        raise SystemExit(f"--keep-others: {path} was measured under another recipe or setting; run every method")
+    return {m: r for m, r in old["methods"].items() if m not in rerun}
 
 
 def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:

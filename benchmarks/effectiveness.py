@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
 
@@ -52,14 +52,9 @@ def run(args) -> dict:
         "methods": {},
     }
     out = RESULTS / f"effectiveness_{name}.json"
-    if args.keep_others and out.exists():  # re-measure some methods, keep the others' rows
-        old = json.loads(out.read_text())
-        same = old["clean"]["curve"] == report["clean"]["curve"] and all(
-            old[k] == report[k] for k in ("victim", "preset", "train_images", "test_images")
-        )
-        if not same:
-            raise SystemExit(f"--keep-others: the clean baseline or recipe differs from {out}; run every method")
-        report["methods"] = {m: r for m, r in old["methods"].items() if m not in args.methods.split(",")}
+    if args.keep_others and out.exists():  # re-measure some methods; the clean curve must come out identical
+        report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
+            r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, args.seed)
         t0 = time.time()

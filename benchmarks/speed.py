@@ -18,7 +18,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
 from uexamples.methods.minmin import to_fast_layout
 from uexamples.surrogates import build_surrogate
 
@@ -59,10 +59,8 @@ def run(args) -> dict:
     }
     out = RESULTS / "speed.json"
     if args.keep_others and out.exists():  # re-measure the named methods, keep the other rows
-        old = json.loads(out.read_text())
-        if (old["dataset"], old["images"], old["machine"]) != (report["dataset"], report["images"], report["machine"]):
-            raise SystemExit(f"--keep-others: {out} was measured on other data or another machine setting")
-        report["methods"] = {m: r for m, r in old["methods"].items() if m not in args.methods.split(",")}
+        report["methods"] = keep_other_methods(out, report, args.methods.split(","),
+                                               lambda r: (r["dataset"], r["images"], r["machine"]))  # fmt: skip
     for method in args.methods.split(","):
         prot = make_protector(method, "fast", 0)
         if method != "cuda":  # pass time of the same (untrained) architecture, just before the run

@@ -82,13 +82,14 @@ def make_filters(
         w[torch.arange(draws), torch.randint(0, taps, (draws,), generator=gen)] = 1.0
         candidates = w.view(draws, kernel_size, kernel_size).numpy()
         best = 0
-        if draws > 1 and chosen_spectra:
+        if draws > 1:  # the paper's single draw needs no spectra
             spectra = filter_spectra(candidates)
-            previous = np.stack(chosen_spectra)
-            distance = np.sqrt(((spectra[:, None, :] - previous[None]) ** 2).mean(-1)).min(axis=1)
-            best = int(distance.argmax())
+            if chosen_spectra:
+                previous = np.stack(chosen_spectra)
+                distance = np.sqrt(((spectra[:, None, :] - previous[None]) ** 2).mean(-1)).min(axis=1)
+                best = int(distance.argmax())
+            chosen_spectra.append(spectra[best])
         chosen.append(candidates[best])
-        chosen_spectra.append(filter_spectra(candidates[best]))
     return np.stack(chosen)
 
 
