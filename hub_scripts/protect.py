@@ -40,10 +40,14 @@ from accelerate import Accelerator  # created first: a bare PartialState ignores
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from uexamples.cli import add_protect_arguments
+    from uexamples.cli import CLIError, add_protect_arguments, method_from_argv
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_protect_arguments(p)
+    try:
+        add_protect_arguments(p, method_from_argv(argv))  # the method's own options come from its config
+    except CLIError as exc:
+        p.error(str(exc))
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the protected split and its card to this dataset repo")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     p.add_argument("--chunk-size", type=int, default=1000, help="rows per map chunk (the unit of resuming)")
@@ -60,14 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_identity(args: argparse.Namespace, key: int | None) -> dict:
-    """What must match for a rerun to reuse the state: the arguments, with the key as its salted fingerprint."""
-    from uexamples import __version__
-    from uexamples.methods.cuda import key_fingerprint
+def run_identity(args: argparse.Namespace, secrets: dict) -> dict:
+    """What must match for a rerun to reuse the state: the arguments, secrets as their salted fingerprints."""
+    from uexamples import __version__, get_method
+    from uexamples.core.protector import secret_fingerprint
 
-    skip = {"quiet", "overwrite", "push_to_hub", "private", "key", "evaluation", "output", "device", "fit_checkpoint_steps"}
-    ident = {k: v for k, v in sorted(vars(args).items()) if k not in skip}
-    ident["key_fingerprint"] = key_fingerprint(key) if key is not None else None
+    secret_names = set(get_method(args.method).secret_names())
+    skip = {"quiet", "overwrite", "push_to_hub", "private", "evaluation", "output", "device", "fit_checkpoint_steps"}
+    ident = {k: v for k, v in sorted(vars(args).items()) if k not in skip | secret_names}
+    for name in sorted(secret_names):
+        ident[f"{name}_fingerprint"] = secret_fingerprint(secrets[name]) if name in secrets else None
     ident["uexamples"] = __version__
     return ident
 
@@ -88,7 +94,7 @@ def atomic_save(ds, final: Path) -> None:
     tmp.rename(final)
 
 
-def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> None:
+def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> None:
     import datasets
     import torch
 
@@ -103,13 +109,13 @@ def generate(args, accelerator, out_dir: Path, work: Path, key: int | None) -> N
         args.device = str(accelerator.device)
     if main_process:
         work.mkdir(parents=True, exist_ok=True)
-        (work / "run.json").write_text(json.dumps(run_identity(args, key), indent=2))
+        (work / "run.json").write_text(json.dumps(run_identity(args, secrets), indent=2))
     accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- fit (or reuse its checkpoint)
     fit_dir = work / "fit"
     fit_s = 0.0
-    runtime = {"key": key} if key is not None else {}
+    runtime = dict(secrets)  # a saved protector needs its secrets again (never written in work/)
     if not fit_dir.is_dir():
         protector = build_protector(args)
         if hasattr(protector.config, "fit_shards"):
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import datasets
 
-    from uexamples.cli import CLIError, parse_key
+    from uexamples.cli import CLIError, method_class, secret_values
     from uexamples.hub import PublishError, publish
 
     if args.quiet or not accelerator.is_main_process:
@@ -174,19 +180,19 @@ def main(argv=None) -> int:
     out_dir = Path(args.output)
     work = out_dir.with_name(out_dir.name + ".work")
     try:
-        key = parse_key(args.key) if args.method == "cuda" else None
+        secrets = secret_values(method_class(args.method), args)
         if args.overwrite and accelerator.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(out_dir, ignore_errors=True)
         accelerator.wait_for_everyone()
         saved = work / "run.json"
-        if saved.is_file() and json.loads(saved.read_text()) != run_identity(args, key):
+        if saved.is_file() and json.loads(saved.read_text()) != run_identity(args, secrets):
             raise CLIError(f"{work} holds a run with other arguments; pass --overwrite to start again")
         done = (out_dir / "summary.json").is_file() and saved.is_file()
         if not done:
             if out_dir.exists() and any(out_dir.iterdir()):
                 raise CLIError(f"output folder {out_dir} is not empty and was not made by this run; pass --overwrite")
-            generate(args, accelerator, out_dir, work, key)
+            generate(args, accelerator, out_dir, work, secrets)
         elif accelerator.is_main_process:
             print(f"{out_dir} is complete: nothing to generate", flush=True)
         accelerator.wait_for_everyone()

@@ -16,40 +16,15 @@ from . import __version__
 # uexamples/templates/dataset_card.md links to the repository's cards/dataset_card.md; wheels carry a copy
 TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md"
 
-METHODS = {
-    "sem": (
-        "SEM (stable error-minimizing noise)",
-        "A surrogate model is trained against random perturbations while error-minimising noise is "
-        "optimised for each image (Liu et al., AAAI 2024).",
-        "@inproceedings{liu2024stable,\n  title={Stable Unlearnable Example: Enhancing the Robustness of Unlearnable "
-        "Examples via Stable Error-Minimizing Noise},\n  author={Liu, Yixin and Xu, Kaidi and Chen, Xun and Sun, Lichao},\n"
-        "  booktitle={AAAI},\n  year={2024}\n}",
-    ),
-    "em": (
-        "EM (error-minimizing noise)",
-        "Noise is optimised so that a surrogate model's training loss on the image is already minimal "
-        "(Huang et al., ICLR 2021).",
-        "@inproceedings{huang2021unlearnable,\n  title={Unlearnable Examples: Making Personal Data Unexploitable},\n"
-        "  author={Huang, Hanxun and Ma, Xingjun and Erfani, Sarah Monazam and Bailey, James and Wang, Yisen},\n"
-        "  booktitle={ICLR},\n  year={2021}\n}",
-    ),
-    "rem": (
-        "REM (robust error-minimizing noise)",
-        "Error-minimizing noise that also survives adversarial training (Fu et al., ICLR 2022).",
-        "@inproceedings{fu2022robust,\n  title={Robust Unlearnable Examples: Protecting Data Privacy Against Adversarial "
-        "Learning},\n  author={Fu, Shaopeng and He, Fengxiang and Liu, Yang and Shen, Li and Tao, Dacheng},\n"
-        "  booktitle={ICLR},\n  year={2022}\n}",
-    ),
-    "cuda": (
-        "CUDA (convolution-based unlearnable dataset)",
-        "Each class is blurred with its own private, randomly drawn filter (Sadasivan et al., CVPR 2023). "
-        "The filters are derived from a private key that is not published. Preset `paper` is the published "
-        "setting; preset `fast` keeps its 3x3 filters but picks each class's filter, out of 64 keyed draws, as "
-        "the one that differs most from the others (a uexamples variant).",
-        "@inproceedings{sadasivan2023cuda,\n  title={CUDA: Convolution-based Unlearnable Datasets},\n"
-        "  author={Sadasivan, Vinu Sankar and Soltanolkotabi, Mahdi and Feizi, Soheil},\n  booktitle={CVPR},\n  year={2023}\n}",
-    ),
-}
+def method_text(method: str) -> tuple[str, str, str]:
+    """(title, one-paragraph summary, BibTeX) of a method, read from its class: a method module owns its text."""
+    from .core.registry import get_method
+
+    try:
+        klass = get_method(method)
+    except ValueError:  # a method this installation does not know (e.g. a plugin not loaded here)
+        return method.upper(), "", ""
+    return klass.title or method.upper(), klass.summary, klass.citation
 
 
 def source_license(source: str | None) -> str:
@@ -98,7 +73,7 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
     from huggingface_hub import DatasetCard, DatasetCardData
 
     method = summary["method"]
-    title, what, bibtex = METHODS.get(method, (method.upper(), "", ""))
+    title, what, bibtex = method_text(method)
     meta = card_metadata(summary, license, evaluated=evaluation is not None)
     src = (summary.get("source") or {}).get("dataset")
     # a local path is shown by its folder name only (it means nothing on the Hub, and may be private)

@@ -2,12 +2,14 @@
 
     uexamples protect --method sem --output out/            # the embedded CIFAR-10 sample
     uexamples protect --dataset user/images --split train --method cuda --output out/   # key from UEXAMPLES_CUDA_KEY
+    uexamples protect --method em --help                    # the options of one method (from its config fields)
     uexamples evaluate --protected out/ --countermeasures standard,jpeg:10 --epochs 10 --output eval/
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,13 +24,12 @@ import datasets
 from . import __version__
 from .core.columns import ColumnError
 from .core.images import ImageDecodeError
-from .core.protector import check_epsilon
+from .core.options import cli_fields, field_help, field_type, secret_fields
 from .core.registry import get_method, list_methods
 from .evaluation.metrics import dataset_quality
 from .preview import save_preview
 
 logger = logging.getLogger("uexamples")
-KEY_ENV = "UEXAMPLES_CUDA_KEY"
 
 
 class CLIError(Exception):
@@ -58,43 +59,45 @@ def load_any_dataset(name: str | None, config: str | None, split: str) -> datase
         raise CLIError(f"dataset {name!r} not found (a Hub id, a local folder, or a save_to_disk folder): {exc}") from exc
 
 
-def parse_key(raw: str | None) -> int | None:
-    if raw is None:
-        raw = os.environ.get(KEY_ENV)
-    if raw is None:
-        return None
+def method_class(name: str) -> type:
     try:
-        return int(raw)
-    except ValueError:
-        raise CLIError("the CUDA key must be an integer") from None  # never echo the value
+        return get_method(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def secret_values(klass: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The method's secrets (the CUDA key), from their hidden option or, preferably, their environment variable.
+
+    A bad value is reported without echoing it.
+    """
+    values = {}
+    for f in secret_fields(klass.config_class):
+        raw = getattr(args, f.name, None)
+        if raw is None and f.metadata.get("env"):
+            raw = os.environ.get(f.metadata["env"])
+        if raw is None:
+            continue
+        convert = field_type(f)
+        try:
+            values[f.name] = convert(raw)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(convert, "valid")
+            raise CLIError(f"the {klass.method.upper()} {f.name} must be {kind}") from None  # never echo the value
+    return values
 
 
 def build_protector(args: argparse.Namespace):
-    try:
-        klass = get_method(args.method)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from None
-    kwargs: dict[str, Any] = {"seed": args.seed}
-    if args.method == "cuda":
-        key = parse_key(args.key)
-        if key is None:
-            raise CLIError(f"the cuda method needs a private integer key: --key K or the {KEY_ENV} environment variable")
-        kwargs["key"] = key
-        if args.epsilon is not None:
-            raise CLIError("cuda has no L-inf bound; drop --epsilon")
-    else:
-        if args.epsilon is not None:
-            kwargs["epsilon"] = check_epsilon(args.epsilon)
-        if args.surrogate:
-            kwargs["surrogate"] = args.surrogate
-        if args.train_steps is not None:
-            kwargs["train_steps"] = args.train_steps
-    for name in ("image_column", "label_column"):
-        if getattr(args, name):
-            kwargs[name] = getattr(args, name)
-    if args.device:
-        kwargs["device"] = args.device
-    return klass(preset=args.preset, **kwargs)
+    """The protector the options describe: every option is a field of the method's config."""
+    klass = method_class(args.method)
+    kwargs: dict[str, Any] = {}
+    for f in cli_fields(klass.config_class):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            kwargs[f.name] = value
+    preset = kwargs.pop("preset", "fast")
+    kwargs.update(secret_values(klass, args))
+    return klass(preset=preset, **kwargs)
 
 
 def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Dataset, protected: datasets.Dataset,
@@ -120,8 +123,6 @@ def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Datas
         "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
         **dataset_quality(source, protected, columns.image),
     }
-    if protector.method == "cuda":
-        summary["config"]["surrogate"] = None
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     save_preview(source, protected, columns.image, tmp / "preview.png")
     if out_dir.exists():
@@ -203,33 +204,81 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_protect_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `uexamples protect` (shared with hub_scripts/protect.py)."""
+DEFAULT_METHOD = "sem"
+
+
+def method_from_argv(argv: Sequence[str]) -> str:
+    """The ``--method`` of a command line, read before the full parser exists (its options depend on it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--method", default=DEFAULT_METHOD)
+    known, _ = pre.parse_known_args(list(argv))
+    return str(known.method).lower()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        levels = value * 255
+        return f"{value:.4g} = {round(levels)}/255" if 0 < value < 1 and abs(levels - round(levels)) < 1e-6 else f"{value:.4g}"
+    return str(value)
+
+
+def _defaults_text(klass: type, f) -> str:
+    """' (default: X)', the value of each preset where the presets differ, or nothing for an unset default."""
+    base = f.default if f.default is not dataclasses.MISSING else None
+    per_preset = {name: values.get(f.name, base) for name, values in klass.PRESETS.items()}
+    if len({repr(v) for v in per_preset.values()}) > 1:
+        return " (" + ", ".join(f"{name}: {_show(v)}" for name, v in per_preset.items()) + ")"
+    return "" if base is None else f" (default: {_show(base)})"
+
+
+def add_method_arguments(p: argparse.ArgumentParser, klass: type) -> None:
+    """One option per config field of the method (``train_steps`` -> ``--train-steps``), help from the field."""
+    group = p.add_argument_group(f"{klass.method} options", f"{klass.title or klass.method}: {klass.paper}.")
+    for f in cli_fields(klass.config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "preset":
+            group.add_argument(flag, choices=sorted(klass.PRESETS), default=None,
+                               help=f"{field_help(f)} (default: fast)")  # fmt: skip
+            continue
+        convert = field_type(f)
+        help_text = (field_help(f) + _defaults_text(klass, f)).replace("%", "%%")
+        if convert is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, type=convert, default=None, choices=f.metadata.get("choices"), help=help_text)
+    for f in secret_fields(klass.config_class):  # never shown: a secret on a command line ends up in shell history
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=argparse.SUPPRESS)
+    secrets = [f for f in secret_fields(klass.config_class) if f.metadata.get("env")]
+    if secrets:
+        group.description += " Secrets come from the environment: " + ", ".join(
+            f"{f.metadata['env']} ({field_help(f)})" for f in secrets
+        )
+
+
+def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAULT_METHOD) -> None:
+    """The options of `uexamples protect` (shared with hub_scripts/protect.py): general ones, then the
+    options of ``method`` (read from its config fields)."""
     p.add_argument("--dataset", help="Hub id, local dataset folder or save_to_disk folder (default: embedded sample)")
     p.add_argument("--config", help="dataset configuration name")
     p.add_argument("--split", default="train")
-    p.add_argument("--method", default="sem", help=f"one of {', '.join(list_methods())}")
-    p.add_argument("--epsilon", type=float, help="L-inf bound as a fraction of the range (default 8/255)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--preset", default="fast", choices=["fast", "paper"])
-    p.add_argument("--surrogate", help="built-in name, Hub model id or local folder")
-    p.add_argument("--train-steps", type=int, help="surrogate fit steps (overrides the preset)")
-    p.add_argument("--key", help=f"CUDA private key (prefer the {KEY_ENV} environment variable)")
-    p.add_argument("--image-column")
-    p.add_argument("--label-column")
-    p.add_argument("--device")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"one of {', '.join(list_methods())} (default: {DEFAULT_METHOD}); the options below are "
+                        "those of this method: `--method NAME --help` lists another's")  # fmt: skip
     p.add_argument("--map-batch-size", type=int, default=256)
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if method is not None:
+        add_method_arguments(p, method_class(method))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method: str | None = DEFAULT_METHOD) -> argparse.ArgumentParser:
+    """The ``uexamples`` parser; ``protect`` carries the options of ``method``."""
     parser = argparse.ArgumentParser(prog="uexamples", description="Make image datasets unlearnable.")
     parser.add_argument("--version", action="version", version=f"uexamples {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("protect", help="protect a dataset split and save it (lossless PNG/TIFF)")
-    add_protect_arguments(p)
+    add_protect_arguments(p, method)
     p.set_defaults(func=cmd_protect)
 
     e = sub.add_parser("evaluate", help="train victims on protected vs clean data, under countermeasures")
@@ -258,7 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        method = method_from_argv(argv)
+        method_class(method)
+    except CLIError as exc:
+        print(f"uexamples: error: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(method).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         datasets.disable_progress_bars()

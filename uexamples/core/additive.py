@@ -1,42 +1,82 @@
-"""Base for methods that add bounded noise computed at a fixed working resolution.
+"""Base for methods whose output is ``image + noise`` with ``|noise| <= epsilon``.
 
-Images of any size and mode are brought to an RGB batch at the working resolution (an image
-already at that size passes untouched), the method computes noise there, and the noise is
-resized back to each image's own size and added to its own channels. Grey images get the same
-noise on the three channels (a constraint the engine keeps at every step), so the noise
-transfers to their single channel exactly.
+The noise is computed at a *working resolution* and brought to each image's own size:
+
+- ``resolution=N`` (or the method's default, e.g. a surrogate's input size): images of any size are
+  resized to an RGB batch of N x N (an image already at that size passes untouched), and the noise
+  is resized back to each image with ``resample`` (bilinear by default). Cheap for big images, but
+  per-pixel structure is smeared when N is far from the image size.
+- ``resolution="native"``: no resizing at all; images are grouped by size and each group is one
+  batch, so the noise lands on the pixels it was computed for (large or sparse images, medical scans).
+
+Grey images get the same noise on the three working channels (a constraint kept at every step by
+:func:`project_grey`), so the noise transfers to their single channel exactly.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .batch import ProtectBatch
 from .images import NativeImage
-from .protector import Protector, sample_key
+from .options import option
+from .protector import Protector, ProtectorConfig
+
+NATIVE = "native"
+RESAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
 
 
-def to_working(images: list[NativeImage], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack images into (B, 3, R, R) in [0, 1]; also return the (B,) grey mask."""
+def parse_resolution(value: Any) -> int | str | None:
+    """``None`` (the method's default), a positive int, or ``"native"``."""
+    if value is None or value == NATIVE:
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"resolution must be a positive number of pixels or 'native', got {value!r}")
+    return int(value)
+
+
+@dataclasses.dataclass
+class AdditiveConfig(ProtectorConfig):
+    """Where the noise is computed (see the module docstring)."""
+
+    resolution: int | str | None = option(
+        None, "working resolution of the noise: N pixels, or 'native' (default: the method's, e.g. the "
+        "surrogate's input size, 32 for built-in nets)", parse=parse_resolution)  # fmt: skip
+    resample: str = option("bilinear", "how noise computed at the working resolution is resized to each image",
+                           choices=RESAMPLE_MODES)  # fmt: skip
+
+
+def to_working(images: list[NativeImage], resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack images into (B, 3, R, R) in [0, 1] (``None``: at their own, common size); also the (B,) grey mask."""
+    if resolution is None and len({img.color.shape[1:] for img in images}) > 1:
+        sizes = sorted({img.color.shape[1:] for img in images})
+        raise ValueError(f"native resolution needs images of one size here, got {sizes[:4]}; set resolution=N")
     out = []
     for img in images:
         x = torch.from_numpy(img.color)[None]
         if x.shape[1] == 1:
             x = x.expand(1, 3, *x.shape[2:])
-        if tuple(x.shape[2:]) != (resolution, resolution):
+        if resolution is not None and tuple(x.shape[2:]) != (resolution, resolution):
             x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
         out.append(x.clamp(0, 1))
     grey = torch.tensor([img.is_grey for img in images], dtype=torch.bool)
     return torch.cat(out), grey
 
 
-def to_native(delta: torch.Tensor, image: NativeImage, epsilon: float) -> np.ndarray:
-    """Resize one working-resolution noise (3, R, R) to the image's size and channels."""
+def to_native(delta: torch.Tensor, image: NativeImage, epsilon: float, resample: str = "bilinear") -> np.ndarray:
+    """Bring one working noise (3, r, r) to the image's size and channels, within the bound."""
     c, h, w = image.color.shape
     d = delta[None].float().cpu()
     if tuple(d.shape[2:]) != (h, w):
-        d = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)
+        corners = {"align_corners": False} if resample in ("bilinear", "bicubic") else {}
+        d = F.interpolate(d, size=(h, w), mode=resample, **corners)
     d = d[0].clamp(-epsilon, epsilon)
     if c == 1:
         d = d.mean(0, keepdim=True)
@@ -52,21 +92,46 @@ def project_grey(delta: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
 
 
 class AdditiveProtector(Protector):
-    """A protector whose output is ``image + noise`` with ``|noise| <= epsilon``."""
+    """A protector whose output is ``image + noise`` with ``|noise| <= epsilon``.
 
-    def working_resolution(self) -> int:
-        return int(getattr(self.config, "resolution", None) or 32)
+    Subclasses implement :meth:`perturbation` on a working batch; this class does the resizing,
+    the grouping of native-resolution images and the bound.
+    """
 
-    def perturbation(
-        self, x: torch.Tensor, labels: torch.Tensor | None, keys: list[int], grey: torch.Tensor
-    ) -> torch.Tensor:
-        """Noise (B, 3, R, R) for the working batch ``x``; ``keys`` seed per-sample randomness."""
+    config_class = AdditiveConfig
+    default_resolution: int = 32
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        self.config.resolution = parse_resolution(self.config.resolution)
+        if self.config.resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.config.resample!r}")
+
+    def working_resolution(self) -> int | None:
+        """Pixels of the working grid; ``None`` at native resolution."""
+        res = self.config.resolution
+        if res == NATIVE:
+            return None
+        return int(res or self.default_resolution)
+
+    def perturbation(self, x: torch.Tensor, batch: ProtectBatch, grey: torch.Tensor) -> torch.Tensor:
+        """Noise (B, 3, r, r) for the working batch ``x`` of ``batch`` (``batch.keys`` seed per-sample randomness)."""
         raise NotImplementedError
 
-    def protect_colors(self, images: list[NativeImage], labels: list[int] | None) -> list[np.ndarray]:
-        x, grey = to_working(images, self.working_resolution())
-        keys = [sample_key(img, self.config.seed) for img in images]
-        y = torch.tensor(labels, dtype=torch.long) if labels is not None else None
-        delta = self.perturbation(x, y, keys, grey)
-        eps = float(self.config.epsilon)
-        return [img.color + to_native(d, img, eps) for img, d in zip(images, delta)]
+    def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
+        res = self.working_resolution()
+        if res is None:  # one working batch per image size
+            groups: dict[tuple, list[int]] = {}
+            for i, img in enumerate(batch.images):
+                groups.setdefault(img.color.shape[1:], []).append(i)
+            parts = [batch.select(idx) for idx in groups.values()]
+        else:
+            groups, parts = {None: list(range(len(batch)))}, [batch]
+        eps, resample = float(self.config.epsilon), self.config.resample
+        out: list[np.ndarray | None] = [None] * len(batch)
+        for idx, part in zip(groups.values(), parts):
+            x, grey = to_working(part.images, res)
+            delta = self.perturbation(x, part, grey)
+            for i, img, d in zip(idx, part.images, delta):
+                out[i] = img.color + to_native(d, img, eps, resample)
+        return out  # type: ignore[return-value]

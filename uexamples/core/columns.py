@@ -45,6 +45,7 @@ def detect_columns(
     label_column: str | None = None,
     text_column: str | None = None,
     need_label: bool = False,
+    need_text: bool = False,
     method: str = "this method",
 ) -> Columns:
     """Detect columns: the first ``Image`` column, a ClassLabel/integer label column, a caption column.
@@ -75,10 +76,13 @@ def detect_columns(
         if label_column is None:
             label_column = next((n for n in LABEL_NAMES if n in features and _is_int(features[n])), None)
     if need_label and label_column is None:
+        from .registry import methods_without
+
+        free = methods_without("labels")
         raise ColumnError(
             f"{method} needs class labels, but no ClassLabel or integer 'label'/'labels' column was found "
-            f"among {names}. Name one with label_column=..., or use a label-agnostic method "
-            "(UC and T2UE on the roadmap need no labels)."
+            f"among {names}. Name one with label_column=..., or use a method that needs no labels: "
+            + (", ".join(free) if free else "none is installed yet (UC and T2UE are on the roadmap)")
         )
 
     if text_column is not None:
@@ -86,6 +90,13 @@ def detect_columns(
             raise ColumnError(f"text column {text_column!r} not found; columns are {names}")
     else:
         text_column = next((n for n in TEXT_NAMES if n in features and _is_text(features[n])), None)
+    if text_column is not None and not _is_text(features[text_column]):
+        raise ColumnError(f"caption column {text_column!r} is {features[text_column]!r}, not strings or lists of strings")
+    if need_text and text_column is None:
+        raise ColumnError(
+            f"{method} needs captions, but no string or list-of-strings column named {list(TEXT_NAMES)} was found "
+            f"among {names}. Name one with text_column=..."
+        )
 
     num_classes = None
     if label_column is not None and isinstance(features[label_column], datasets.ClassLabel):

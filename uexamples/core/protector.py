@@ -22,8 +22,11 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .columns import Columns, ColumnError, detect_columns
+from .batch import ProtectBatch, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
+from .columns import TEXT_NAMES, ColumnError, Columns, detect_columns
 from .images import NativeImage, bound_levels, load_pil, restore_cell
+from .options import option, secret_fields
+from .registry import get_method, methods_without
 
 logger = logging.getLogger("uexamples")
 
@@ -37,22 +40,16 @@ class NotFittedError(RuntimeError):
 
 @dataclasses.dataclass
 class ProtectorConfig:
-    """Settings shared by every method.
+    """Settings shared by every method (each field documents itself: see ``core.options``)."""
 
-    epsilon: L-inf bound as a fraction of the dynamic range (8/255 is the field's standard).
-    seed: makes everything reproducible; the same seed gives the same bytes.
-    image_column / label_column: override the columns detected from the features.
-    batch_size: images processed together inside one ``map`` batch.
-    device: "cpu", "cuda", ...; default: CUDA when available.
-    """
-
-    epsilon: float | None = 8 / 255
-    seed: int = 0
-    image_column: str | None = None
-    label_column: str | None = None
-    batch_size: int = 128
-    device: str | None = None
-    preset: str = "fast"
+    epsilon: float | None = option(8 / 255, "L-inf bound as a fraction of the pixel range (8/255 is the field's standard)")
+    seed: int = option(0, "seed of everything random: the same seed gives the same bytes")
+    image_column: str | None = option(None, "image column (default: the first Image feature)")
+    label_column: str | None = option(None, "class label column (default: a ClassLabel, or an integer 'label'/'labels')")
+    text_column: str | None = option(None, "caption column, strings or lists of strings (default: 'caption'/'text'/...)")
+    batch_size: int = option(128, "images processed together inside one map batch")
+    device: str | None = option(None, "torch device: cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    preset: str = option("fast", "a named set of defaults of the method (see its PRESETS)")
 
 
 def check_epsilon(epsilon: Any) -> float:
@@ -64,14 +61,10 @@ def check_epsilon(epsilon: Any) -> float:
     return epsilon
 
 
-def sample_key(native: NativeImage, seed: int) -> int:
-    """A 63-bit key from the image content and the seed: per-sample randomness that does not depend on
-    the batch an image lands in, its position, or the number of processes."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(str(seed).encode())
-    h.update(str(native.levels.shape).encode())
-    h.update(np.ascontiguousarray(native.levels).tobytes())
-    return int.from_bytes(h.digest(), "little") >> 1
+def secret_fingerprint(value: Any) -> str:
+    """A salted, slow (PBKDF2) hash of a secret: lets a saved protector check it without storing it."""
+    digest = hashlib.pbkdf2_hmac("sha256", str(value).encode(), b"uexamples-cuda-key-v1", 200_000)
+    return digest[:12].hex()
 
 
 _IMPORT_PID = os.getpid()
@@ -89,19 +82,34 @@ def _single_thread_in_worker() -> None:
 
 
 class Protector:
-    """Base class of every protection method.
+    """Base class of every protection method: the ``datasets.map`` protocol, fitting, saving, pickling.
 
-    Subclasses set ``method``, ``config_class``, ``PRESETS`` and implement :meth:`protect_colors`
-    (and :meth:`_fit`, :meth:`_fitted_arrays`, :meth:`_load_fitted` when they need fitting).
+    A method is one module with a subclass that sets:
+
+    - ``method`` (its registered name), ``title``, ``summary``, ``paper`` and ``citation`` (BibTeX):
+      what the CLI, the README table and the dataset card say about it;
+    - ``config_class``: a dataclass derived from :class:`ProtectorConfig` whose fields carry their
+      help (``core.options.option``), and ``PRESETS``: named overrides of those fields;
+    - what it needs: ``needs_fit``, ``needs_labels``, ``needs_texts`` (checked against the dataset
+      with errors that name the column or the row);
+    - :meth:`protect_batch` (and, when it fits, :meth:`_fit`, :meth:`_fitted_arrays`,
+      :meth:`_fitted_meta`, :meth:`_load_fitted`).
+
+    Then it is decorated with ``@register_method`` and nothing else in the package needs to know it.
     """
 
     method: ClassVar[str] = "base"
+    title: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
     config_class: ClassVar[type] = ProtectorConfig
     needs_fit: ClassVar[bool] = False
     needs_labels: ClassVar[bool] = False
+    needs_texts: ClassVar[bool] = False
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "paper": {}}
-    # Config fields that must never be written anywhere (saved config, logs, cards, fingerprints).
-    SECRET_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Config fields a loaded protector may take at run time without changing what it computes.
+    RUNTIME_OPTIONS: ClassVar[tuple[str, ...]] = ("device", "batch_size")
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         if preset not in self.PRESETS:
@@ -112,14 +120,37 @@ class Protector:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; valid options: {sorted(fields)}")
         values = {**self.PRESETS[preset], **kwargs, "preset": preset}
         self.config = self.config_class(**values)
-        if self.config.epsilon is not None:
-            self.config.epsilon = check_epsilon(self.config.epsilon)
+        self.validate_config()
+        self._secret_fingerprints = {
+            name: secret_fingerprint(getattr(self.config, name))
+            for name in self.secret_names() if getattr(self.config, name) is not None
+        }  # fmt: skip
         self.fitted = False
         self.num_classes: int | None = None
         self._columns: Columns | None = None
-        self._runtime: dict[str, Any] = {}  # models and tensors built lazily; never pickled
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """Attributes that live only in this process (models, tensors): never pickled, never saved."""
+        self._runtime: dict[str, Any] = {}
         self._accelerator: Any = None  # set only during a data-parallel fit
         self._checkpoint: tuple[Any, int] | None = None  # (directory, every) only during a checkpointed fit
+
+    def validate_config(self) -> None:
+        """Check the config; run by the constructor *and* on every load (a saved config is input too)."""
+        cfg = self.config
+        if cfg.preset not in self.PRESETS:
+            raise ValueError(f"unknown preset {cfg.preset!r} for {self.method}; choose from {sorted(self.PRESETS)}")
+        if cfg.epsilon is not None:
+            cfg.epsilon = check_epsilon(cfg.epsilon)
+        if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {cfg.seed!r}")
+        if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, (int, np.integer)) or cfg.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+
+    @classmethod
+    def secret_names(cls) -> list[str]:
+        return [f.name for f in secret_fields(cls.config_class)]
 
     # ------------------------------------------------------------------ public API
     def fit(
@@ -143,11 +174,12 @@ class Protector:
         if len(dataset) == 0:
             raise ValueError("cannot fit on an empty dataset (0 rows)")
         self._columns = self.columns_for(dataset.features)
-        if self._columns.num_classes is not None:
-            self.num_classes = self._columns.num_classes
-        elif self._columns.label is not None:
-            labels = np.asarray(dataset[self._columns.label])
-            self.num_classes = int(labels.max()) + 1
+        if self.needs_labels:
+            if self._columns.num_classes is not None:
+                self.num_classes = self._columns.num_classes
+            else:
+                labels = np.asarray(dataset[self._columns.label])
+                self.num_classes = int(labels.max()) + 1
         self._accelerator = accelerator
         self._checkpoint = (checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
         try:
@@ -159,10 +191,12 @@ class Protector:
         return self
 
     def columns_for(self, features: datasets.Features) -> Columns:
+        """The dataset's image/label/caption columns; an error when one this method needs is missing."""
         cfg = self.config
         return detect_columns(
-            features, cfg.image_column, cfg.label_column, need_label=self.needs_labels, method=self.method.upper()
-        )
+            features, cfg.image_column, cfg.label_column, cfg.text_column,
+            need_label=self.needs_labels, need_text=self.needs_texts, method=self.method.upper(),
+        )  # fmt: skip
 
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         """Protect one batch from ``datasets.map(..., batched=True)`` (``with_indices=True`` names rows in errors)."""
@@ -171,22 +205,23 @@ class Protector:
                 f"{type(self).__name__} must be fitted before it protects images: "
                 f"call protector.fit(train_dataset) first (or load a fitted one with from_pretrained)"
             )
-        image_col, label_col = self._batch_columns(batch)
+        image_col, label_col, text_col = self._batch_columns(batch)
         cells = batch[image_col]
         if len(cells) == 0:
             return batch
         rows = list(indices) if indices is not None else [None] * len(cells)
         natives = [NativeImage.from_pil(load_pil(c, row=r), row=r) for c, r in zip(cells, rows)]
-        labels = None
-        if self.needs_labels:
-            labels = [int(v) for v in batch[label_col]]
-            self._check_labels(labels, rows)
+        whole = ProtectBatch(
+            images=natives,
+            labels=self._read_labels(batch, label_col, rows),
+            texts=[caption_of(v, r) for v, r in zip(batch[text_col], rows)] if text_col is not None else None,
+            rows=rows,
+            seed=self.config.seed,
+        )
         new_colors: list[np.ndarray] = []
         bs = self.config.batch_size
         for start in range(0, len(natives), bs):
-            chunk = natives[start : start + bs]
-            chunk_labels = labels[start : start + bs] if labels is not None else None
-            new_colors.extend(self.protect_colors(chunk, chunk_labels))
+            new_colors.extend(self.protect_batch(whole[start : start + bs]))
         bound = self.bound_for
         out = dict(batch)
         out[image_col] = [
@@ -211,8 +246,8 @@ class Protector:
         return None if eps is None else bound_levels(eps, native.maxval)
 
     # ------------------------------------------------------------------ to implement
-    def protect_colors(self, images: list[NativeImage], labels: list[int] | None) -> list[np.ndarray]:
-        """Return the protected colour array (same shape as ``image.color``) of each image."""
+    def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
+        """Return the protected colour array (same shape as ``image.color``) of each image of ``batch``."""
         raise NotImplementedError
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
@@ -233,6 +268,11 @@ class Protector:
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Restore what :meth:`_fitted_meta` and :meth:`_fitted_arrays` returned."""
 
+    def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """Take the ``from_pretrained`` arguments a method understands (pop them); the rest is an error."""
+        if kwargs:
+            raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for {type(self).__name__}.from_pretrained")
+
     # ------------------------------------------------------------------ helpers
     @property
     def device(self) -> torch.device:
@@ -240,23 +280,55 @@ class Protector:
             return torch.device(self.config.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _batch_columns(self, batch: dict[str, list]) -> tuple[str, str | None]:
+    def _batch_columns(self, batch: dict[str, list]) -> tuple[str, str | None, str | None]:
+        """The image, label and caption columns of a batch (label/caption None when absent)."""
         cols = self._columns
         image_col = self.config.image_column or (cols.image if cols else None)
         label_col = self.config.label_column or (cols.label if cols else None)
+        text_col = self.config.text_column or (cols.text if cols else None)
         if image_col is None:
             image_col = next((k for k in ("image", "img", "pixel_values") if k in batch), None)
         if image_col is None or image_col not in batch:
             raise ColumnError(f"no image column in the batch (columns: {list(batch)}); pass image_column=")
-        if self.needs_labels:
-            if label_col is None:
-                label_col = next((k for k in ("label", "labels") if k in batch), None)
-            if label_col is None or label_col not in batch:
-                raise ColumnError(
-                    f"{self.method.upper()} needs class labels but the batch has no label column "
-                    f"(columns: {list(batch)}); pass label_column=, or use a label-agnostic method"
-                )
-        return image_col, label_col
+        if label_col is None:
+            label_col = next((k for k in ("label", "labels") if k in batch), None)
+        if label_col is not None and label_col not in batch:
+            label_col = None
+        if self.needs_labels and label_col is None:
+            raise ColumnError(
+                f"{self.method.upper()} needs class labels but the batch has no label column "
+                f"(columns: {list(batch)}); pass label_column=, or use a method that needs none "
+                f"({label_free_methods()})"
+            )
+        if text_col is None:
+            text_col = next((k for k in TEXT_NAMES if k in batch), None)
+        if text_col is not None and text_col not in batch:
+            text_col = None
+        if self.needs_texts and text_col is None:
+            raise ColumnError(
+                f"{self.method.upper()} needs captions but the batch has no caption column "
+                f"(columns: {list(batch)}); pass text_column="
+            )
+        return image_col, label_col, text_col
+
+    def _read_labels(self, batch: dict[str, list], label_col: str | None, rows: list) -> list[int] | None:
+        """Integer labels when the batch has them; checked (and required) only if the method needs them."""
+        if label_col is None:
+            return None
+        values = batch[label_col]
+        if not self.needs_labels:  # informative only: a method that does not need labels never fails on them
+            try:
+                return [int(v) for v in values]
+            except (TypeError, ValueError):
+                return None
+        labels = []
+        for v, row in zip(values, rows):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                where = f" at row {row}" if row is not None else ""
+                raise ValueError(f"label {v!r}{where} is not an integer class label")
+            labels.append(int(v))
+        self._check_labels(labels, rows)
+        return labels
 
     def _check_labels(self, labels: list[int], rows: list) -> None:
         n = self.num_classes
@@ -268,7 +340,7 @@ class Protector:
     def public_config(self) -> dict[str, Any]:
         """The config as JSON-able dict, secrets removed."""
         cfg = dataclasses.asdict(self.config)
-        for name in self.SECRET_FIELDS:
+        for name in self.secret_names():
             cfg.pop(name, None)
         return cfg
 
@@ -276,36 +348,72 @@ class Protector:
         return {
             "method": self.method,
             "config": self.public_config(),
+            "secret_fingerprints": dict(sorted(self._secret_fingerprints.items())),
             "fitted": self.fitted,
             "num_classes": self.num_classes,
             "fitted_meta": self._fitted_meta() if self.fitted else {},
+            "columns": dataclasses.asdict(self._columns) if self._columns else None,
         }
 
     def __repr__(self) -> str:
         cfg = ", ".join(f"{k}={v!r}" for k, v in self.public_config().items())
         return f"{type(self).__name__}({cfg}, fitted={self.fitted})"
 
-    # ------------------------------------------------------------------ pickling and fingerprint
+    # ------------------------------------------------------------------ restore (pickling and loading)
+    def _restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray], runtime: dict[str, Any],
+                 secrets_required: bool) -> None:  # fmt: skip
+        """The one way back from a saved or pickled state: config, secrets, fitted state.
+
+        ``runtime``: secrets (never saved) and run-time options (``device``, ``batch_size``; a method may
+        take more, such as a custom surrogate module). ``secrets_required``: loading from disk needs the
+        secrets again (a pickled protector in a worker has its fitted arrays and needs none).
+        """
+        runtime = dict(runtime)
+        config = dict(state["config"])
+        fingerprints = dict(state.get("secret_fingerprints") or {})
+        if "key_fingerprint" in config:  # written by uexamples before the protocol rework (CUDA)
+            fingerprints.setdefault("key", config.pop("key_fingerprint"))
+        for name in self.RUNTIME_OPTIONS:
+            if name in runtime:
+                config[name] = runtime.pop(name)
+        for name in self.secret_names():
+            value = runtime.pop(name, None)
+            if value is None:
+                if secrets_required and fingerprints.get(name):
+                    raise ValueError(
+                        f"a saved {self.method.upper()} protector does not contain its {name}: "
+                        f"from_pretrained(path, {name}=...)"
+                    )
+                continue
+            if fingerprints.get(name) and secret_fingerprint(value) != fingerprints[name]:
+                raise ValueError(f"wrong {name}: it does not match the fingerprint this protector was saved with")
+            config[name] = value
+        fields = {f.name for f in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(f"saved config of {self.method} has unknown field(s) {unknown}")
+        self.config = self.config_class(**config)
+        self.validate_config()
+        self._secret_fingerprints = fingerprints
+        self.fitted = bool(state["fitted"])
+        self.num_classes = state["num_classes"]
+        self._columns = Columns(**state["columns"]) if state.get("columns") else None
+        self._init_runtime()
+        self._accept_runtime_kwargs(runtime)
+        if self.fitted:
+            self._load_fitted(state["fitted_meta"], arrays)
+
     def __getstate__(self) -> dict[str, Any]:
         # Only config and fitted arrays: stable across processes, cheap to hash, no live model object.
         # Secrets (the CUDA key) are not in it: workers get the derived arrays (the filters) instead.
         state = self._state()
         arrays = self._fitted_arrays() if self.fitted else {}
         state["arrays"] = {k: arrays[k] for k in sorted(arrays)}  # canonical order, as safetensors stores it
-        state["columns"] = dataclasses.asdict(self._columns) if self._columns else None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         _single_thread_in_worker()
-        self.config = self.config_class(**state["config"])
-        self.fitted = state["fitted"]
-        self.num_classes = state["num_classes"]
-        self._columns = Columns(**state["columns"]) if state.get("columns") else None
-        self._runtime = {}
-        self._accelerator = None
-        self._checkpoint = None
-        if self.fitted:
-            self._load_fitted(state["fitted_meta"], state["arrays"])
+        self._restore(state, state["arrays"], {}, secrets_required=False)
 
     @property
     def fingerprint(self) -> str:
@@ -323,7 +431,6 @@ class Protector:
         path.mkdir(parents=True, exist_ok=True)
         state = self._state()
         state["uexamples_version"] = __version__
-        state["columns"] = dataclasses.asdict(self._columns) if self._columns else None
         (path / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         arrays = self._saved_arrays() if self.fitted else {}
         save_file({k: np.require(v, requirements="C") for k, v in arrays.items()}, str(path / WEIGHTS_NAME))
@@ -333,12 +440,11 @@ class Protector:
     def from_pretrained(cls, directory: str | os.PathLike, **runtime_kwargs: Any) -> "Protector":
         """Load a protector saved with :meth:`save_pretrained`.
 
-        ``runtime_kwargs`` supply what is never saved (the CUDA ``key``) or override run-time options
-        (``device``, ``batch_size``). Calling ``Protector.from_pretrained`` picks the saved method's class.
+        ``runtime_kwargs`` supply what is never saved (secrets such as the CUDA ``key``) or override
+        run-time options (``device``, ``batch_size``). ``Protector.from_pretrained`` picks the saved
+        method's class.
         """
         from safetensors.numpy import load_file
-
-        from .registry import get_method
 
         path = Path(directory)
         if not (path / CONFIG_NAME).is_file():
@@ -347,22 +453,13 @@ class Protector:
         klass = get_method(state["method"])
         if cls is not Protector and not issubclass(klass, cls):
             raise TypeError(f"{path} holds a {klass.__name__}, not a {cls.__name__}")
+        arrays = load_file(str(path / WEIGHTS_NAME)) if state["fitted"] and (path / WEIGHTS_NAME).is_file() else {}
         obj = klass.__new__(klass)
-        config = dict(state["config"])
-        for key in ("device", "batch_size"):
-            if key in runtime_kwargs:
-                config[key] = runtime_kwargs.pop(key)
-        obj.config = klass.config_class(**config)
-        obj.fitted = state["fitted"]
-        obj.num_classes = state["num_classes"]
-        obj._columns = Columns(**state["columns"]) if state.get("columns") else None
-        obj._runtime = {}
-        obj._accept_runtime_kwargs(runtime_kwargs, state)
-        if obj.fitted:
-            arrays = load_file(str(path / WEIGHTS_NAME)) if (path / WEIGHTS_NAME).is_file() else {}
-            obj._load_fitted(state["fitted_meta"], arrays)
+        obj._restore(state, arrays, runtime_kwargs, secrets_required=True)
         return obj
 
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any], state: dict[str, Any]) -> None:
-        if kwargs:
-            raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for {type(self).__name__}.from_pretrained")
+
+def label_free_methods() -> str:
+    """The registered methods that need no labels, for error messages."""
+    names = methods_without("labels")
+    return ", ".join(names) if names else "none is installed yet; UC and T2UE are on the roadmap"

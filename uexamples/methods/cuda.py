@@ -26,7 +26,6 @@ False
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import numbers
 from typing import Any
 
@@ -34,15 +33,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.images import NativeImage
-from ..core.protector import ProtectorConfig, Protector
+from ..core.batch import ProtectBatch
+from ..core.options import option
+from ..core.protector import Protector, ProtectorConfig, secret_fingerprint
 from ..core.registry import register_method
+
+KEY_ENV = "UEXAMPLES_CUDA_KEY"
 
 
 def key_fingerprint(key: int) -> str:
     """A salted PBKDF2 hash of the key: lets a saved protector check a key without storing it."""
-    digest = hashlib.pbkdf2_hmac("sha256", str(int(key)).encode(), b"uexamples-cuda-key-v1", 200_000)
-    return digest[:12].hex()
+    return secret_fingerprint(int(key))
 
 
 def check_key(key: Any) -> int:
@@ -95,22 +96,18 @@ def make_filters(
 
 @dataclasses.dataclass
 class CUDAConfig(ProtectorConfig):
-    """key: the private integer key (secret; never saved). num_classes: known classes (else read at fit).
+    """CUDA's knobs: the paper's k and p_b, separated draws, and the private key.
 
-    kernel_size (k) and max_weight (p_b) are the paper's knobs (3 and 0.3 in its CIFAR-10 setting);
-    filter_draws is the number of candidates per class for separated draws (1 = the paper's independent
-    draws; see ``make_filters``). ``epsilon`` is None: CUDA is unbounded. A larger filter protects more
-    and blurs visibly: k=5 costs 2.5 dB of PSNR (benchmarks/README.md, "CUDA's strength against its
-    visibility").
+    ``epsilon`` is None: CUDA is unbounded. A larger filter protects more and blurs visibly: k=5 costs
+    2.5 dB of PSNR (benchmarks/README.md, "CUDA's strength against its visibility").
     """
 
-    epsilon: float | None = None
-    key: int | None = None
-    num_classes: int | None = None
-    kernel_size: int = 3
-    max_weight: float = 0.3
-    filter_draws: int = 1
-    key_fingerprint: str | None = None
+    epsilon: float | None = option(None, "CUDA has no L-inf bound (leave unset)", cli=False)
+    key: int | None = option(None, "private integer key that seeds the filters (never saved)", secret=True, env=KEY_ENV)
+    num_classes: int | None = option(None, "number of classes, when known before fit (else read from the labels)")
+    kernel_size: int = option(3, "filter size k (the paper: 3)")
+    max_weight: float = option(0.3, "upper bound p_b of the random taps (the paper: 0.3)")
+    filter_draws: int = option(1, "candidates per class for separated draws (1 = the paper's independent draws)")
 
 
 @register_method
@@ -118,26 +115,52 @@ class CUDAProtect(Protector):
     """Class-wise keyed 3x3 blur filters, applied to whole batches as one grouped convolution."""
 
     method = "cuda"
+    title = "CUDA (convolution-based unlearnable dataset)"
+    summary = (
+        "Each class is blurred with its own private, randomly drawn filter (Sadasivan et al., CVPR 2023). "
+        "The filters are derived from a private key that is not published. Preset `paper` is the published "
+        "setting; preset `fast` keeps its 3x3 filters but picks each class's filter, out of 64 keyed draws, as "
+        "the one that differs most from the others (a uexamples variant)."
+    )
+    paper = "Sadasivan et al., *CUDA*, CVPR 2023"
+    citation = (
+        "@inproceedings{sadasivan2023cuda,\n  title={CUDA: Convolution-based Unlearnable Datasets},\n"
+        "  author={Sadasivan, Vinu Sankar and Soltanolkotabi, Mahdi and Feizi, Soheil},\n  booktitle={CVPR},\n  year={2023}\n}"
+    )
     config_class = CUDAConfig
     needs_fit = True  # to learn the number of classes, unless num_classes is given
     needs_labels = True
     # fast: the paper's 3x3 filters with p_b = 1 and separated draws. On cifar10-10k this takes our CPU
     # victim from 27.8 % (paper setting, mean of 3 keys) to 18.1 %, at the same PSNR (about 19 dB).
     PRESETS = {"paper": {}, "fast": {"max_weight": 1.0, "filter_draws": 64}}
-    SECRET_FIELDS = ("key",)
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        if "key" not in kwargs or kwargs["key"] is None:
-            raise ValueError("CUDAProtect needs a private integer key: CUDAProtect(key=...) (keep it secret)")
-        kwargs["key"] = check_key(kwargs["key"])
-        if kwargs.get("epsilon") is not None:
-            raise ValueError("CUDA has no L-inf bound; leave epsilon unset")
+        if kwargs.get("key") is None:
+            raise ValueError(
+                f"CUDAProtect needs a private integer key: CUDAProtect(key=...) (keep it secret; the command line "
+                f"reads it from {KEY_ENV})"
+            )
         super().__init__(preset=preset, **kwargs)
-        self.config.key_fingerprint = key_fingerprint(self.config.key)
-        if self.config.num_classes is not None:
+        if self.config.num_classes is not None:  # known classes: nothing to learn from the data
             self.num_classes = int(self.config.num_classes)
             self._build_filters()
             self.fitted = True
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        cfg = self.config
+        if cfg.epsilon is not None:
+            raise ValueError("CUDA has no L-inf bound; leave epsilon unset")
+        if cfg.key is not None:
+            cfg.key = check_key(cfg.key)
+        if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
+            raise ValueError(f"num_classes must be a positive integer, got {cfg.num_classes!r}")
+        if not isinstance(cfg.kernel_size, int) or cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd integer, got {cfg.kernel_size!r}")
+        if not (0 < float(cfg.max_weight) <= 1):
+            raise ValueError(f"max_weight (p_b) must be in (0, 1], got {cfg.max_weight!r}")
+        if not isinstance(cfg.filter_draws, int) or cfg.filter_draws < 1:
+            raise ValueError(f"filter_draws must be a positive integer, got {cfg.filter_draws!r}")
 
     @property
     def filters(self) -> np.ndarray:
@@ -150,8 +173,7 @@ class CUDAProtect(Protector):
         )
 
     def _fit(self, dataset, columns, progress) -> None:
-        self.config.num_classes = self.num_classes
-        self._build_filters()
+        self._build_filters()  # the number of classes (fitted state) was read by Protector.fit
 
     # The filters travel to worker processes (and into the datasets fingerprint), never to disk.
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
@@ -163,20 +185,11 @@ class CUDAProtect(Protector):
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         if "filters" in arrays:
             self._runtime["filters"] = np.array(arrays["filters"])
-        else:
+        else:  # loaded from disk: the key (checked against its fingerprint) re-creates the filters
             self._build_filters()
 
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any], state: dict[str, Any]) -> None:
-        key = kwargs.pop("key", None)
-        if key is None:
-            raise ValueError("a saved CUDA protector does not contain its key: from_pretrained(path, key=...)")
-        key = check_key(key)
-        if key_fingerprint(key) != self.config.key_fingerprint:
-            raise ValueError("wrong key: it does not match the key fingerprint this protector was saved with")
-        self.config.key = key
-        super()._accept_runtime_kwargs(kwargs, state)
-
-    def protect_colors(self, images: list[NativeImage], labels: list[int] | None) -> list[np.ndarray]:
+    def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
+        images, labels = batch.images, batch.labels
         filters = torch.from_numpy(self.filters)
         k = filters.shape[-1]
         out: list[np.ndarray | None] = [None] * len(images)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..core.additive import project_grey
+from ..core.options import option
 from ..core.registry import register_method
 from .minmin import MinMinConfig, MinMinProtector
 
@@ -29,9 +30,10 @@ NOISE_TYPES = ("sample-wise", "class-wise")
 
 @dataclasses.dataclass
 class EMConfig(MinMinConfig):
-    """noise_type: "sample-wise" (one noise per image) or "class-wise" (one noise per class)."""
+    """EM adds the choice between one noise per image and one per class."""
 
-    noise_type: str = "sample-wise"
+    noise_type: str = option("sample-wise", "one noise per image (sample-wise) or per class (class-wise)",
+                             choices=("sample-wise", "class-wise"))  # fmt: skip
 
 
 PAPER = dict(
@@ -51,13 +53,21 @@ class EMProtect(MinMinProtector):
     """Error-minimizing noise, sample-wise (default) or class-wise."""
 
     method = "em"
-    variant = "em"
+    title = "EM (error-minimizing noise)"
+    summary = ("Noise is optimised so that a surrogate model's training loss on the image is already minimal "
+               "(Huang et al., ICLR 2021).")  # fmt: skip
+    paper = "Huang et al., *Unlearnable Examples*, ICLR 2021"
+    citation = (
+        "@inproceedings{huang2021unlearnable,\n  title={Unlearnable Examples: Making Personal Data Unexploitable},\n"
+        "  author={Huang, Hanxun and Ma, Xingjun and Erfani, Sarah Monazam and Bailey, James and Wang, Yisen},\n"
+        "  booktitle={ICLR},\n  year={2021}\n}"
+    )
     adversarial_training = False
     config_class = EMConfig
     PRESETS = {"paper": PAPER, "fast": FAST}
 
-    def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        super().__init__(preset=preset, **kwargs)
+    def validate_config(self) -> None:
+        super().validate_config()
         if self.config.noise_type not in NOISE_TYPES:
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.config.noise_type!r}")
 
@@ -93,11 +103,11 @@ class EMProtect(MinMinProtector):
         self._runtime["class_noise"] = noise
         return project_grey((x + noise[y]).clamp(0, 1) - x, grey)
 
-    def perturbation(self, x, labels, keys, grey) -> torch.Tensor:
+    def perturbation(self, x, batch, grey) -> torch.Tensor:
         if not self.class_wise:
-            return super().perturbation(x, labels, keys, grey)
+            return super().perturbation(x, batch, grey)
         noise = self._runtime["class_noise"].cpu()
-        return project_grey((x + noise[labels]).clamp(0, 1) - x, grey)
+        return project_grey((x + noise[self.targets_for(batch)]).clamp(0, 1) - x, grey)
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = super()._fitted_arrays()

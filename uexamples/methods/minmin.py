@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import numpy as np
@@ -29,158 +29,203 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.additive import AdditiveProtector, project_grey
+from ..core.additive import NATIVE, AdditiveConfig, AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
+from ..core.batch import ProtectBatch
 from ..core.checkpoint import FitCheckpoint
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import load_split
-from ..core.protector import ProtectorConfig
-from ..surrogates import build_surrogate, load_state_arrays, rebuild_surrogate, state_arrays
+from ..core.options import option
+from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 
 
 @dataclasses.dataclass
-class MinMinConfig(ProtectorConfig):
-    """Hyper-parameters of the min-min engine (names follow the papers: rho_u = epsilon).
+class MinMinConfig(AdditiveConfig):
+    """Hyper-parameters of the min-min engine (names follow the papers: rho_u = epsilon)."""
 
-    surrogate: built-in name ("smallcnn", "convnet", "resnet18", ...), Hub id or folder of a
-        transformers image model, or a ``torch.nn.Module`` instance.
-    resolution: working resolution of the noise (default: 32, or the transformers model's input size).
-    train_steps / train_batch_size / lr / momentum / weight_decay / lr_decay_every / lr_decay: the
-        surrogate's SGD during the bilevel fit.
-    noise_steps (K), eot_draws (J), step_size (alpha_u): the noise phase during the fit.
-    final_noise_steps / final_eot_draws: the noise phase run by ``map`` against the fitted surrogate.
-    adv_radius (rho_a), adv_steps, adv_step_size: adversarial radius of REM/SEM (and of the model phase).
-    stop_at_train_accuracy: stop the fit once the surrogate's running accuracy on noisy data exceeds it.
-    max_fit_samples: fit on at most this many images (a seeded random subset) to bound memory and time.
-    fit_shards: split each fit batch into this many batch-norm shards (a multiple of the number of
-        processes of a data-parallel fit; the same value gives the same surrogate on any number of
-        processes, see ``core.distributed``).
-    """
-
-    surrogate: Any = "smallcnn"
-    resolution: int | None = None
-    trust_remote_code: bool = False
-    train_steps: int = 5000
-    train_batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_every: int = 2000
-    lr_decay: float = 0.1
-    noise_steps: int = 10
-    eot_draws: int = 5
-    step_size: float = 1.6 / 255
-    adv_radius: float = 4 / 255
-    adv_steps: int = 10
-    adv_step_size: float = 0.8 / 255
-    final_noise_steps: int = 10
-    final_eot_draws: int = 5
-    stop_at_train_accuracy: float | None = None
-    max_fit_samples: int | None = None
-    fit_shards: int = 1
-
-
-def to_fast_layout(model: nn.Module) -> nn.Module:
-    """channels_last: 1.4-1.6x faster convolutions on CPU (measured in benchmarks/speed.py)."""
-    return model.to(memory_format=torch.channels_last)
+    surrogate: Any = option("smallcnn", "surrogate classifier: built-in name (tinycnn, smallcnn, convnet, resnet18, "
+                            "resnet20, resnet56), transformers Hub id or folder, or a torch.nn.Module")  # fmt: skip
+    trust_remote_code: bool = option(False, "allow a Hub surrogate's own modelling code to run")
+    train_steps: int = option(5000, "surrogate fit steps (S)")
+    train_batch_size: int = option(128, "images per fit step")
+    lr: float = option(0.1, "surrogate SGD learning rate")
+    momentum: float = option(0.9, "surrogate SGD momentum")
+    weight_decay: float = option(5e-4, "surrogate SGD weight decay")
+    lr_decay_every: int = option(2000, "multiply the learning rate by lr_decay every this many steps")
+    lr_decay: float = option(0.1, "learning-rate decay factor")
+    noise_steps: int = option(10, "signed-gradient noise steps per fit step (K)")
+    eot_draws: int = option(5, "random crop/flip draws averaged per noise step (J)")
+    step_size: float = option(1.6 / 255, "noise step size (alpha_u)")
+    adv_radius: float = option(4 / 255, "adversarial radius of REM/SEM and of the model phase (rho_a)")
+    adv_steps: int = option(10, "PGD steps of the model phase (and of REM's inner ascent)")
+    adv_step_size: float = option(0.8 / 255, "PGD step size")
+    final_noise_steps: int = option(10, "noise steps of the final pass run by map against the fitted surrogate")
+    final_eot_draws: int = option(5, "crop/flip draws per step of the final pass")
+    stop_at_train_accuracy: float | None = option(None, "stop the fit once the surrogate's running accuracy on noisy data exceeds this")
+    max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
+    fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
+                             "number of processes (core.distributed)")  # fmt: skip
 
 
 def pgd_ascent(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int, init: torch.Tensor
-) -> torch.Tensor:
-    """PGD that *maximises* the loss within an L-inf ball of ``radius``; returns the offset r (detached)."""
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int, init: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+) -> torch.Tensor:  # fmt: skip
+    """PGD that *maximises* ``loss_fn`` within an L-inf ball of ``radius``; returns the offset r (detached)."""
     r = init.clone()
     for _ in range(steps):
         r.requires_grad_(True)
-        loss = F.cross_entropy(model((x + r).clamp(0, 1)), y)
+        loss = loss_fn(model((x + r).clamp(0, 1)), y)
         (g,) = torch.autograd.grad(loss, r)
         r = (r.detach() + step * g.sign()).clamp(-radius, radius)
     return r.detach()
 
 
+@dataclasses.dataclass
+class FitState:
+    """Everything the bilevel loop carries from one step to the next; a checkpoint is its state_dict."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    order: torch.Tensor
+    pos: int = 0
+    step: int = 0  # steps done
+    acc_ema: float | None = None
+    passes: int = 0
+    method_state: dict = dataclasses.field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "order": self.order, "pos": self.pos, "acc_ema": self.acc_ema,
+            "passes": self.passes, "method_state": self.method_state,
+        }  # fmt: skip
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        self.order, self.pos, self.acc_ema = saved["order"], int(saved["pos"]), saved["acc_ema"]
+        self.step, self.passes, self.method_state = int(saved["step"]), int(saved["passes"]), saved["method_state"]
+
+
 class MinMinProtector(AdditiveProtector):
-    """Shared engine; subclasses choose ``variant`` ("em", "rem" or "sem") and presets."""
+    """The shared engine. A method is a subclass that sets its presets and, where it differs, a hook:
+
+    - :meth:`robust_inputs`: what the noise gradient flows through (EM: the augmented image; SEM: plus
+      a uniform offset; REM: plus a PGD ascent);
+    - :meth:`objective`: the loss the noise minimises and the surrogate trains on (cross-entropy on
+      class labels; a contrastive method overrides it);
+    - :meth:`noise_step` and :meth:`project`: one update of the noise and its projection onto the
+      allowed set (an L-inf sign step and a clamp; a sparse-mask method overrides ``project``);
+    - :meth:`_fit_noise`, :meth:`_prepare_fit`, :meth:`_fit_state`: method state over the fit (class-wise EM).
+    """
 
     config_class = MinMinConfig
     needs_fit = True
     needs_labels = True
-    variant = "sem"
     adversarial_training = True  # model phase on PGD examples (REM, SEM); EM trains on t(x + delta)
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        surrogate = kwargs.get("surrogate")
-        self._surrogate_module = surrogate if isinstance(surrogate, nn.Module) else None
-        if self._surrogate_module is not None:
-            kwargs["surrogate"] = f"module:{type(surrogate).__module__}.{type(surrogate).__qualname__}"
+        module = None
+        if "surrogate" in kwargs:
+            kwargs["surrogate"], module = spec_as_config(kwargs["surrogate"])
         super().__init__(preset=preset, **kwargs)
+        self._surrogate_module = module
+
+    def _init_runtime(self) -> None:
+        super()._init_runtime()
+        self._surrogate_module: nn.Module | None = None
         self.passes = 0  # forward+backward passes, in images (for the speed benchmark)
 
     # ------------------------------------------------------------------ state
-    def working_resolution(self) -> int:
-        if self.config.resolution:
-            return int(self.config.resolution)
-        if self._runtime.get("resolution"):
+    def working_resolution(self) -> int | None:
+        res = self.config.resolution
+        if res == NATIVE:
+            return None
+        if res:
+            return int(res)
+        if self._runtime.get("resolution"):  # what the fitted surrogate was trained at
             return int(self._runtime["resolution"])
-        desc = self._runtime.get("desc") or {}
-        if desc.get("kind") == "transformers":
-            return int(desc["size"][0])
-        return 32
+        surrogate = self._runtime.get("surrogate")
+        if surrogate is not None and surrogate.input_size:
+            return surrogate.input_size
+        return self.default_resolution
 
     def _model(self) -> nn.Module:
-        model = self._runtime.get("model")
-        if model is None:
+        surrogate = self._runtime.get("surrogate")
+        if surrogate is None:
             raise RuntimeError("surrogate not built")
-        return model
+        return surrogate.model
 
     def _fitted_meta(self) -> dict[str, Any]:
-        return {"surrogate": self._runtime["desc"], "resolution": self.working_resolution()}
+        return {"surrogate": self._runtime["surrogate"].desc, "resolution": self.working_resolution()}
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(self._runtime.get("arrays_cache") or {})
         if not arrays:
-            arrays = state_arrays(self._model())
+            arrays = self._runtime["surrogate"].state_arrays()
             self._runtime["arrays_cache"] = arrays
         return arrays
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        desc = meta["surrogate"]
-        model = rebuild_surrogate(desc, self._surrogate_module)
-        load_state_arrays(model, arrays)
-        self._runtime.update(desc=desc, model=to_fast_layout(model.to(self.device)).eval(), arrays_cache=dict(arrays))
-        self._runtime["resolution"] = meta.get("resolution")
+        surrogate = Surrogate.rebuild(meta["surrogate"], arrays, self._surrogate_module).to(self.device)
+        surrogate.model.eval()
+        self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"))
 
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any], state: dict[str, Any]) -> None:
+    def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
         module = kwargs.pop("surrogate", None)
         self._surrogate_module = module if isinstance(module, nn.Module) else None
-        self.passes = 0
-        super()._accept_runtime_kwargs(kwargs, state)
+        super()._accept_runtime_kwargs(kwargs)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._surrogate_module = None
-        self.passes = 0
-        super().__setstate__(state)
+    # ------------------------------------------------------------------ hooks
+    def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """The loss the noise minimises and the surrogate trains on: cross-entropy on class labels."""
+        return F.cross_entropy(outputs, targets, reduction=reduction)
+
+    def _mean_objective(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.objective(outputs, targets, reduction="mean")
+
+    def robust_inputs(self, model: nn.Module, xt: torch.Tensor, targets: torch.Tensor, rnd, draws: int) -> torch.Tensor:
+        """What the noise gradient flows through, from the J augmented copies ``xt``; EM: ``xt`` itself."""
+        return xt
+
+    def noise_step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One update that *minimises* the objective: a signed-gradient step."""
+        return delta.detach() - float(self.config.step_size) * grad.sign()
+
+    def project(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
+        """Back onto the allowed set: |delta| <= epsilon, x + delta a valid image, grey images grey."""
+        eps = float(self.config.epsilon)
+        delta = delta.clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+        return project_grey(delta, grey) if grey is not None else delta
+
+    def initial_noise(self, x: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
+        """Where the noise phase starts: uniform in the allowed set."""
+        eps = float(self.config.epsilon)
+        return self.project((rnd.rand(*x.shape[1:]).to(x.device) * 2 - 1) * eps, x, grey)
+
+    def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
+        """What the objective compares the surrogate's output with, for a map batch: the labels."""
+        return torch.tensor(batch.labels, dtype=torch.long)
 
     # ------------------------------------------------------------------ the noise phase
     def noise_gradient(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, rnd, draws: int
     ) -> torch.Tensor:
-        """Gradient of the loss with respect to ``delta``, summed over J transformation draws (one batch)."""
-        cfg = self.config
-        rho_a = float(cfg.adv_radius)
+        """Gradient of the objective with respect to ``delta``, summed over J transformation draws (one batch)."""
         y_rep = y.repeat(draws)
         delta = delta.detach().requires_grad_(True)
         xt = random_crop_flip((x + delta).clamp(0, 1).repeat(draws, 1, 1, 1), rnd)
-        if self.variant == "sem":
-            u = (rnd.rand(draws, *x.shape[1:]).to(x.device) * 2 - 1) * rho_a
-            xt = xt + u.transpose(0, 1).reshape_as(xt)
-        elif self.variant == "rem":
-            init = (rnd.rand(draws, *x.shape[1:]).to(x.device) * 2 - 1) * rho_a
-            init = init.transpose(0, 1).reshape_as(xt)
-            r = pgd_ascent(model, xt.detach(), y_rep, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init)
-            self.passes += cfg.adv_steps * xt.shape[0]
-            xt = xt + r
-        loss = F.cross_entropy(model(xt.clamp(0, 1)), y_rep, reduction="sum")
+        xt = self.robust_inputs(model, xt, y_rep, rnd, draws)
+        loss = self.objective(model(xt.clamp(0, 1)), y_rep)
         (g,) = torch.autograd.grad(loss, delta)
         self.passes += xt.shape[0]
         return g
@@ -196,25 +241,19 @@ class MinMinProtector(AdditiveProtector):
         draws: int,
         grey: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """K signed-gradient steps that *minimise* the loss, averaged over J transformation draws."""
-        eps, alpha = float(self.config.epsilon), float(self.config.step_size)
+        """K noise steps, each on the gradient averaged over J transformation draws, each projected."""
         for _ in range(steps):
             g = self.noise_gradient(model, x, y, delta, rnd, draws)
-            delta = (delta.detach() - alpha * g.sign()).clamp(-eps, eps)
-            delta = (x + delta).clamp(0, 1) - x  # keep x + delta a valid image
-            if grey is not None:
-                delta = project_grey(delta, grey)
+            delta = self.project(self.noise_step(delta, g), x, grey)
         return delta.detach()
 
     # ------------------------------------------------------------------ map
-    def perturbation(self, x, labels, keys, grey) -> torch.Tensor:
+    def perturbation(self, x: torch.Tensor, batch: ProtectBatch, grey: torch.Tensor) -> torch.Tensor:
         model = self._model().eval()
         dev = self.device
-        x, y = x.to(dev), labels.to(dev)
-        rnd = SampleRandom(keys)
-        eps = float(self.config.epsilon)
-        delta = (rnd.rand(*x.shape[1:]).to(dev) * 2 - 1) * eps
-        delta = project_grey((x + delta).clamp(0, 1) - x, grey)
+        x, y = x.to(dev), self.targets_for(batch).to(dev)
+        rnd = SampleRandom(batch.keys)
+        delta = self.initial_noise(x, rnd, grey)
         cfg = self.config
         return self.noise_phase(model, x, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey).cpu()
 
@@ -234,46 +273,40 @@ class MinMinProtector(AdditiveProtector):
         dp = DataParallel(self._accelerator, int(cfg.fit_shards))
         torch.manual_seed(cfg.seed)  # weight initialisation (the same on every process)
         spec = self._surrogate_module if self._surrogate_module is not None else cfg.surrogate
-        model, desc = build_surrogate(spec, self.num_classes, trust_remote_code=cfg.trust_remote_code)
-        self._runtime = {"desc": desc, "dp": dp}
+        surrogate = Surrogate.build(spec, self.num_classes, trust_remote_code=cfg.trust_remote_code)
+        self._runtime = {"surrogate": surrogate, "dp": dp}
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)
         dev = self.device
-        model = to_fast_layout(model.to(dev))
+        model = surrogate.to(dev).model
         gen = torch.Generator().manual_seed(cfg.seed)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         train_model, opt, model = dp.prepare(model, opt)
+        surrogate.model = model
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
         self._prepare_fit(x_all, y_all, gen)
         n = x_all.shape[0]
         bs = min(cfg.train_batch_size, n)
         bs -= bs % dp.shards  # equal shards
         rows = dp.local_rows(bs)
-        order, pos = torch.randperm(n, generator=gen), 0
-        acc_ema, started, first = None, time.time(), 0
-        ckpt = None
+        state = FitState(model, opt, sched, gen, order=torch.randperm(n, generator=gen))
+        started, ckpt = time.time(), None
         if self._checkpoint is not None:
             # not the number of processes: with the same fit_shards the state is the same on any number
             identity = {"config": self.public_config(), "rows": n, "num_classes": self.num_classes}
             ckpt = FitCheckpoint(self._checkpoint[0], self._checkpoint[1], identity, dp.rank)
             saved = ckpt.load()
             if saved is not None:  # go on from the last checkpoint: same state, same random numbers
-                model.load_state_dict(saved["model"])
-                opt.load_state_dict(saved["optimizer"])
-                sched.load_state_dict(saved["scheduler"])
-                gen.set_state(saved["generator"])
-                torch.set_rng_state(saved["torch_rng"])
-                order, pos, acc_ema, first = saved["order"], int(saved["pos"]), saved["acc_ema"], int(saved["step"])
-                self.passes = int(saved["passes"])
-                self._restore_fit_state(saved["method_state"])
-        desc_bar = f"Fitting {self.method.upper()} surrogate"
-        bar = tqdm(range(first, cfg.train_steps), desc=desc_bar, disable=not progress or dp.rank != 0,
-                   initial=first, total=cfg.train_steps)  # fmt: skip
-        step = first - 1
+                state.load_state_dict(saved)
+                self.passes = state.passes
+                self._restore_fit_state(state.method_state)
+        first = state.step
+        bar = tqdm(range(first, cfg.train_steps), desc=f"Fitting {self.method.upper()} surrogate",
+                   disable=not progress or dp.rank != 0, initial=first, total=cfg.train_steps)  # fmt: skip
         for step in bar:
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + bs][rows]  # this process's rows of the global batch
-            pos += bs
+            if state.pos + bs > n:
+                state.order, state.pos = torch.randperm(n, generator=gen), 0
+            idx = state.order[state.pos : state.pos + bs][rows]  # this process's rows of the global batch
+            state.pos += bs
             x, y, grey = x_all[idx].to(dev), y_all[idx].to(dev), grey_all[idx]
             rnd = BatchRandom(gen, bs, rows)
             model.eval()
@@ -281,23 +314,19 @@ class MinMinProtector(AdditiveProtector):
             correct = self._model_phase(model, train_model, opt, x, y, delta, rnd)
             acc = float(dp.sum(torch.tensor(float(correct)))) / bs
             sched.step()
-            acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
+            state.acc_ema = acc if state.acc_ema is None else 0.9 * state.acc_ema + 0.1 * acc
+            state.step = step + 1
             if step % 10 == 0:
-                bar.set_postfix(train_acc=f"{acc_ema:.3f}")
-            if cfg.stop_at_train_accuracy is not None and step >= 20 and acc_ema >= cfg.stop_at_train_accuracy:
+                bar.set_postfix(train_acc=f"{state.acc_ema:.3f}")
+            if cfg.stop_at_train_accuracy is not None and step >= 20 and state.acc_ema >= cfg.stop_at_train_accuracy:
                 break
-            if ckpt is not None and ckpt.due(step + 1, cfg.train_steps):
-                ckpt.save({
-                    "step": step + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "order": order, "pos": pos, "acc_ema": acc_ema, "passes": self.passes,
-                    "method_state": self._fit_state(),
-                })  # fmt: skip
+            if ckpt is not None and ckpt.due(state.step, cfg.train_steps):
+                state.passes, state.method_state = self.passes, self._fit_state()
+                ckpt.save(state.state_dict())
         bar.close()
-        self.fit_stats = {"steps": step + 1, "train_accuracy": acc_ema, "seconds": time.time() - started,
+        self.fit_stats = {"steps": state.step, "train_accuracy": state.acc_ema, "seconds": time.time() - started,
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
-        self._runtime.update(model=model)
         self._runtime.pop("dp", None)
         self._finish_fit(model, x_all, y_all, grey_all, gen)
         if ckpt is not None:
@@ -322,10 +351,9 @@ class MinMinProtector(AdditiveProtector):
         """Hook: put back what ``_fit_state`` saved."""
 
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
+        """The noise of this fit batch (sample-wise: a fresh noise phase from a uniform start)."""
         cfg = self.config
-        eps = float(cfg.epsilon)
-        delta = (rnd.rand(*x.shape[1:]).to(x.device) * 2 - 1) * eps
-        delta = project_grey((x + delta).clamp(0, 1) - x, grey)
+        delta = self.initial_noise(x, rnd, grey)
         return self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
 
     def _model_phase(self, model, train_model, opt, x, y, delta, rnd) -> int:
@@ -340,7 +368,7 @@ class MinMinProtector(AdditiveProtector):
         if self.adversarial_training and cfg.adv_steps > 0:
             rho_a = float(cfg.adv_radius)
             init = (rnd.rand(*x.shape[1:]).to(x.device) * 2 - 1) * rho_a
-            r = pgd_ascent(model, xt, y, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init)
+            r = pgd_ascent(model, xt, y, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init, self._mean_objective)
             self.passes += cfg.adv_steps * x.shape[0]
             xt = (xt + r).clamp(0, 1)
         model.train()
@@ -355,7 +383,7 @@ class MinMinProtector(AdditiveProtector):
                     m.momentum = 0.0  # running statistics come from global shard 0 only
             with dp.no_sync(train_model, last=k == len(shards) - 1):
                 logits = train_model(xt[rows])
-                loss = F.cross_entropy(logits, y[rows]) * (dp.world / dp.shards)  # DDP averages over processes
+                loss = self.objective(logits, y[rows], reduction="mean") * (dp.world / dp.shards)  # DDP averages
                 loss.backward()
             correct += int((logits.argmax(1) == y[rows]).sum())
         for m, mom in zip(norms, momenta):
@@ -370,15 +398,19 @@ class MinMinProtector(AdditiveProtector):
     def passes_per_sample_step(self) -> int:
         """Forward+backward passes per image and fit step the algorithm needs (SEM paper: 61 for SEM, 561 for REM)."""
         cfg = self.config
-        inner = cfg.adv_steps + 1 if self.variant == "rem" else 1
+        inner = self.passes_per_draw()
         noise = cfg.noise_steps * cfg.eot_draws * inner
         model_phase = (cfg.adv_steps if self.adversarial_training else 0) + 1
         return noise + model_phase
 
+    def passes_per_draw(self) -> int:
+        """Passes per noise-gradient draw: 1, plus the inner PGD steps of a method that attacks (REM)."""
+        return 1
+
     def passes_per_mapped_image(self) -> int:
         cfg = self.config
-        inner = cfg.adv_steps + 1 if self.variant == "rem" else 1
+        inner = self.passes_per_draw()
         return cfg.final_noise_steps * cfg.final_eot_draws * inner
 
 
-__all__ = ["MinMinConfig", "MinMinProtector", "pgd_ascent"]
+__all__ = ["FitState", "MinMinConfig", "MinMinProtector", "pgd_ascent", "to_fast_layout"]

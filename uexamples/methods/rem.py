@@ -12,8 +12,10 @@ adversarial training, but about 9x dearer than SEM (561 passes per image and ste
 
 from __future__ import annotations
 
+import torch
+
 from ..core.registry import register_method
-from .minmin import MinMinProtector
+from .minmin import MinMinProtector, pgd_ascent
 from .sem import FAST as SEM_FAST
 from .sem import PAPER as SEM_PAPER
 
@@ -26,6 +28,27 @@ class REMProtect(MinMinProtector):
     """Robust error-minimizing noise (PGD inner maximisation in every noise step)."""
 
     method = "rem"
-    variant = "rem"
+    title = "REM (robust error-minimizing noise)"
+    summary = "Error-minimizing noise that also survives adversarial training (Fu et al., ICLR 2022)."
+    paper = "Fu et al., *Robust Unlearnable Examples*, ICLR 2022"
+    citation = (
+        "@inproceedings{fu2022robust,\n  title={Robust Unlearnable Examples: Protecting Data Privacy Against Adversarial "
+        "Learning},\n  author={Fu, Shaopeng and He, Fengxiang and Liu, Yang and Shen, Li and Tao, Dacheng},\n"
+        "  booktitle={ICLR},\n  year={2022}\n}"
+    )
     adversarial_training = True
     PRESETS = {"paper": PAPER, "fast": FAST}
+
+    def robust_inputs(self, model, xt: torch.Tensor, targets: torch.Tensor, rnd, draws: int) -> torch.Tensor:
+        """x_r = t(x + delta) + r, r the PGD *ascent* of radius rho_a from a uniform start."""
+        cfg = self.config
+        rho_a = float(cfg.adv_radius)
+        init = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * rho_a
+        init = init.transpose(0, 1).reshape_as(xt)
+        r = pgd_ascent(model, xt.detach(), targets, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init,
+                       self._mean_objective)  # fmt: skip
+        self.passes += cfg.adv_steps * xt.shape[0]
+        return xt + r
+
+    def passes_per_draw(self) -> int:
+        return self.config.adv_steps + 1

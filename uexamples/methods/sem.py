@@ -14,6 +14,8 @@ K*J + adv_steps + 1 = 61 passes per image instead of REM's 561.
 
 from __future__ import annotations
 
+import torch
+
 from ..core.registry import register_method
 from .minmin import MinMinProtector
 
@@ -37,6 +39,20 @@ class SEMProtect(MinMinProtector):
     """Stable error-minimizing noise; robust to adversarial training (the toolkit's main method)."""
 
     method = "sem"
-    variant = "sem"
+    title = "SEM (stable error-minimizing noise)"
+    summary = ("A surrogate model is trained against random perturbations while error-minimising noise is "
+               "optimised for each image (Liu et al., AAAI 2024).")  # fmt: skip
+    paper = "Liu et al., *Stable Unlearnable Example*, AAAI 2024"
+    citation = (
+        "@inproceedings{liu2024stable,\n  title={Stable Unlearnable Example: Enhancing the Robustness of Unlearnable "
+        "Examples via Stable Error-Minimizing Noise},\n  author={Liu, Yixin and Xu, Kaidi and Chen, Xun and Sun, Lichao},\n"
+        "  booktitle={AAAI},\n  year={2024}\n}"
+    )
     adversarial_training = True
     PRESETS = {"paper": PAPER, "fast": FAST}
+
+    def robust_inputs(self, model, xt: torch.Tensor, targets, rnd, draws: int) -> torch.Tensor:
+        """x_r = t(x + delta) + u, u ~ U(-rho_a, rho_a): one random draw per copy (REM's PGD, at no cost)."""
+        rho_a = float(self.config.adv_radius)
+        u = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * rho_a
+        return xt + u.transpose(0, 1).reshape_as(xt)

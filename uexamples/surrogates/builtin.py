@@ -141,10 +141,14 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.linear = nn.Linear(64, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 64-d pooled features (the input of the final linear layer)."""
         out = F.relu(self.bn1(self.conv1(self.norm(x))))
         out = self.layer3(self.layer2(self.layer1(out)))
-        return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x))
 
 
 BUILTIN = {

@@ -98,18 +98,13 @@ def _pick_class(config) -> tuple[Any, bool]:
     return transformers.AutoModel, False
 
 
-def load_transformers_surrogate(
-    name: str, num_classes: int, trust_remote_code: bool = False, revision: str | None = None
-) -> tuple[PixelSpaceModel, dict]:
-    """Load a transformers image model by Hub id or local folder; return the wrapper and its description."""
+def load_config(name: str, load_kwargs: dict) -> Any:
+    """A model's config by Hub id or folder; a clear error offline or for a missing model."""
     from transformers import AutoConfig
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        load_kwargs["revision"] = revision
     try:
-        config = AutoConfig.from_pretrained(name, **load_kwargs)
+        return AutoConfig.from_pretrained(name, **load_kwargs)
     except Exception as exc:
         hint = (
             " HF_HUB_OFFLINE is set, so only models already in the local cache or a local folder can be used."
@@ -117,6 +112,16 @@ def load_transformers_surrogate(
             else " Check the id, your network, or pass a local folder."
         )
         raise SurrogateNotAvailable(f"surrogate {name!r} could not be loaded: {exc.__class__.__name__}: {exc}.{hint}") from exc
+
+
+def load_transformers_surrogate(
+    name: str, num_classes: int, trust_remote_code: bool = False, revision: str | None = None
+) -> tuple[PixelSpaceModel, dict]:
+    """Load a transformers image model by Hub id or local folder; return the wrapper and its description."""
+    load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        load_kwargs["revision"] = revision
+    config = load_config(name, load_kwargs)
     cls, own_head = _pick_class(config)
     kwargs = dict(load_kwargs, dtype=torch.float32)  # float32: we differentiate through the surrogate
     if own_head:

@@ -1,0 +1,72 @@
+"""Config fields that describe themselves: help text, visibility and secrecy live beside the default.
+
+A method's config is a dataclass; each field is declared with :func:`option` so that the command
+line (``uexamples protect --method NAME --help``), the documentation and the save/restore path all
+read one description, the way peft's configs carry ``metadata={"help": ...}``.
+
+>>> import dataclasses
+>>> @dataclasses.dataclass
+... class Cfg:
+...     steps: int = option(100, "optimisation steps")
+...     token: str | None = option(None, "private token", secret=True, env="MY_TOKEN")
+>>> [f.name for f in cli_fields(Cfg)], [f.name for f in secret_fields(Cfg)]
+(['steps'], ['token'])
+>>> field_type(dataclasses.fields(Cfg)[0])
+<class 'int'>
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    cli: bool = True,
+    secret: bool = False,
+    env: str | None = None,
+    choices: tuple | None = None,
+    parse: Callable[[str], Any] | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with its documentation.
+
+    help: one line for ``--help`` and the docs. cli: False hides the field from the command line.
+    secret: the value never reaches a saved config, a log, a card or a fingerprint (a salted hash of
+    it is stored instead, and ``from_pretrained`` asks for it again); ``env`` names the environment
+    variable the command line reads it from (a secret is never a visible command-line option).
+    choices: allowed values. parse: how the command line turns the string into a value.
+    """
+    meta = {"help": help, "cli": cli and not secret, "secret": secret, "env": env, "choices": choices, "parse": parse}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def cli_fields(config_class: type) -> list[dataclasses.Field]:
+    """The fields a command line exposes as options (not secrets, not ``cli=False``)."""
+    return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True) and not f.metadata.get("secret")]
+
+
+def secret_fields(config_class: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_class) if f.metadata.get("secret")]
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return str(f.metadata.get("help") or "")
+
+
+def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
+    """The command-line converter of a field: its ``parse``, else read from its annotation."""
+    parse = f.metadata.get("parse")
+    if parse is not None:
+        return parse
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    first = kind.split("|")[0].strip()  # "int | None" -> int
+    return {"bool": bool, "int": int, "float": float}.get(first, str)
+
+
+__all__ = ["option", "cli_fields", "secret_fields", "field_help", "field_type"]
