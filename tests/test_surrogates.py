@@ -111,3 +111,110 @@ def test_unknown_surrogate_name():
     with pytest.raises(ValueError, match="unknown surrogate"):
         build_surrogate("resnet9000", 10)
     assert SurrogateNotAvailable.__mro__[1] is OSError
+
+
+# ---------------------------------------------------------------- the shared surrogate layer: encoders
+@pytest.fixture(scope="module")
+def tiny_clip_with_tokenizer(tmp_path_factory, tiny_clip):
+    """The tiny CLIP plus a character-level CLIP tokenizer written from a vocab (no download)."""
+    import json
+    import shutil
+
+    from transformers import CLIPTokenizer
+
+    path = tmp_path_factory.mktemp("clip-tok")
+    shutil.copytree(tiny_clip, path, dirs_exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt")).save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())  # CLIP pools text at the end-of-text token: its id
+    config["text_config"].update(bos_token_id=52, eos_token_id=53, pad_token_id=53)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_clip_encoder_gives_image_and_text_features_in_one_space(tiny_clip_with_tokenizer):
+    from transformers import CLIPModel
+
+    enc = ue.surrogates.load_encoder(tiny_clip_with_tokenizer)
+    assert enc.has_text and enc.input_size == 48
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)  # resized to 48 inside, differentiably
+    feats = enc.encode_images(x)
+    assert feats.shape == (2, 16)  # projection_dim: the joint space
+    feats.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in enc.parameters())  # frozen
+    texts = enc.encode_texts(["a cat", "a dog"])
+    assert texts.shape == (2, 16) and not torch.allclose(texts[0], texts[1])
+    # the same numbers as transformers' own CLIPModel on normalised pixels
+    ref = CLIPModel.from_pretrained(tiny_clip_with_tokenizer).eval()
+    pix = torch.nn.functional.interpolate(x.detach(), size=(48, 48), mode="bilinear", align_corners=False, antialias=True)
+    out = ref.get_image_features(pixel_values=(pix - 0.5) / 0.5)
+    out = out if isinstance(out, torch.Tensor) else out.pooler_output
+    assert torch.allclose(out, feats.detach(), atol=1e-5)
+
+
+def test_vit_encoder_pooled_features_and_no_text(tiny_vit):
+    enc = ue.surrogates.load_encoder(tiny_vit)
+    assert enc.input_size == 32 and not enc.has_text
+    assert enc(torch.rand(3, 3, 32, 32)).shape == (3, 32)
+    with pytest.raises(ValueError, match="no text tower"):
+        enc.encode_texts(["a cat"])
+
+
+def test_pretrained_cifar_resnet_is_a_builtin_feature_encoder(sample_ds):
+    from helpers import SHARED
+
+    weights = SHARED / "models" / "cifar10-resnet" / "resnet20.safetensors"
+    if not weights.is_file():
+        pytest.skip(f"{weights} is not available")
+    enc = ue.surrogates.load_encoder(str(weights))
+    assert enc.desc["kind"] == "cifar-resnet" and enc.desc["depth"] == 20
+    ds = sample_ds.select(range(200))
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255) for im in ds["image"]])
+    with torch.no_grad():
+        feats = enc(x)
+        accuracy = (enc.backbone.linear(feats).argmax(1).numpy() == np.array(ds["label"])).mean()
+    assert feats.shape == (200, 64)
+    assert accuracy > 0.8  # the real pretrained weights (91.7 % on the test set), not a random net
+    with pytest.raises(ValueError, match="several weight files"):
+        ue.surrogates.load_encoder(str(weights.parent))
+
+
+def test_classifier_surrogate_round_trip():
+    from uexamples.surrogates import Surrogate
+
+    torch.manual_seed(0)
+    s = Surrogate.build("tinycnn", num_classes=3)
+    again = Surrogate.rebuild(s.desc, s.state_arrays())
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(s(x), again(x)) and s.input_size is None
+
+
+# ---------------------------------------------------------------- noise resolution is a setting
+def test_native_resolution_and_resample(small_ds):
+    import PIL.Image
+
+    big = small_ds.select(range(6)).map(lambda r: {"image": r["image"].resize((64, 48), PIL.Image.BICUBIC)})
+    fitted = ue.SEMProtect(seed=0, resolution="native", **FAST).fit(big, progress=False)
+    assert fitted.working_resolution() is None
+    native = big.map(fitted, batched=True, load_from_cache_file=False)
+    grid = big.map(ue.SEMProtect(seed=0, **FAST).fit(big, progress=False), batched=True, load_from_cache_file=False)
+    d_native = np.stack([np.asarray(a, int) - np.asarray(b, int) for a, b in zip(native["image"], big["image"])])
+    d_grid = np.stack([np.asarray(a, int) - np.asarray(b, int) for a, b in zip(grid["image"], big["image"])])
+    assert np.abs(d_native).max() <= 8 and np.abs(d_grid).max() <= 8
+    # noise computed at 32 px and resized bilinearly is smooth; native noise changes from pixel to pixel
+    roughness = lambda d: np.abs(np.diff(d, axis=2)).mean()  # noqa: E731
+    assert roughness(d_native) > 1.5 * roughness(d_grid)
+    nearest = big.map(ue.SEMProtect(seed=0, resample="nearest", **FAST).fit(big, progress=False), batched=True,
+                      load_from_cache_file=False)  # fmt: skip
+    d_near = np.stack([np.asarray(a, int) - np.asarray(b, int) for a, b in zip(nearest["image"], big["image"])])
+    assert not np.array_equal(d_near, d_grid) and np.abs(d_near).max() <= 8
+    with pytest.raises(ValueError, match="resolution"):
+        ue.SEMProtect(resolution="huge")
+    with pytest.raises(ValueError, match="resample"):
+        ue.SEMProtect(resample="lanczos")
