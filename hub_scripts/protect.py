@@ -172,25 +172,39 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import datasets
 
+    from accelerate.utils import broadcast_object_list
+
     from uexamples.cli import CLIError, method_class, secret_values
     from uexamples.hub import PublishError, publish
+    from uexamples.outputs import OutputError, OutputLock, check_output
 
     if args.quiet or not accelerator.is_main_process:
         datasets.disable_progress_bars()
     out_dir = Path(args.output)
     work = out_dir.with_name(out_dir.name + ".work")
+    lock = None
     try:
         secrets = secret_values(method_class(args.method), args)
+        problem = [None]
+        if accelerator.is_main_process:  # one run per output: a second one is refused, not mixed in
+            try:
+                check_output(out_dir, overwrite=True)  # a finished output may be reused: emptiness is judged below
+                lock = OutputLock(out_dir).acquire()
+            except OutputError as exc:
+                problem[0] = str(exc)
+        if accelerator.num_processes > 1:
+            broadcast_object_list(problem)
+        if problem[0]:
+            raise CLIError(problem[0])
         if args.overwrite and accelerator.is_main_process:
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # the old output stays until the new one replaces it atomically
         accelerator.wait_for_everyone()
         saved = work / "run.json"
         if saved.is_file() and json.loads(saved.read_text()) != run_identity(args, secrets):
             raise CLIError(f"{work} holds a run with other arguments; pass --overwrite to start again")
         done = (out_dir / "summary.json").is_file() and saved.is_file()
         if not done:
-            if out_dir.exists() and any(out_dir.iterdir()):
+            if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
                 raise CLIError(f"output folder {out_dir} is not empty and was not made by this run; pass --overwrite")
             generate(args, accelerator, out_dir, work, secrets)
         elif accelerator.is_main_process:
@@ -203,6 +217,8 @@ def main(argv=None) -> int:
         print(f"protect.py: error: {exc}", file=sys.stderr, flush=True)
         return 2 if not isinstance(exc, PublishError) else 3
     finally:
+        if lock is not None:
+            lock.release()
         accelerator.end_training()
     return 0
 

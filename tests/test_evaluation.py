@@ -195,7 +195,7 @@ def test_transformers_victims_build_from_config():
 # ---------------------------------------------------------------- evaluate
 @pytest.fixture(scope="module")
 def protected_sample(sample_ds):
-    return sample_ds.map(ue.CUDAProtect(key=11).fit(sample_ds), batched=True)
+    return sample_ds.map(ue.CUDAProtect(key=11, allow_weak_key=True).fit(sample_ds), batched=True)
 
 
 @pytest.mark.integration

@@ -146,7 +146,7 @@ def test_label_free_dataset(captioned):
     with pytest.raises(ue.ColumnError, match=r"SEM needs class labels.*toy-caption, toy-pattern"):
         ue.SEMProtect().fit(captioned)
     with pytest.raises(ue.ColumnError, match=r"CUDA needs class labels.*toy-caption, toy-pattern"):
-        captioned.map(ue.CUDAProtect(key=5, num_classes=10), batched=True)
+        captioned.map(ue.CUDAProtect(key=5, allow_weak_key=True, num_classes=10), batched=True)
     # a caption method on a dataset without captions
     with pytest.raises(ue.ColumnError, match="TOY-CAPTION needs captions"):
         ue.get_method("toy-caption")().apply(captioned.remove_columns("caption"))

@@ -33,8 +33,8 @@ CASES = {
     "em": lambda: ue.EMProtect(seed=1, **TINY_MINMIN),
     "em-classwise": lambda: ue.EMProtect(seed=2, noise_type="class-wise", **TINY_MINMIN),
     "rem": lambda: ue.REMProtect(seed=3, **TINY_MINMIN),
-    "cuda-paper": lambda: ue.CUDAProtect(key=123456789, preset="paper"),
-    "cuda-fast": lambda: ue.CUDAProtect(key=987654321),
+    "cuda-paper": lambda: ue.CUDAProtect(key=123456789, allow_weak_key=True, preset="paper"),
+    "cuda-fast": lambda: ue.CUDAProtect(key=987654321, allow_weak_key=True),
 }
 
 

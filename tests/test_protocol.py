@@ -66,15 +66,15 @@ def test_em_variants_deterministic(small_ds, noise_type):
 
 
 def test_cuda_key_changes_output(small_ds):
-    a = small_ds.map(ue.CUDAProtect(key=11, num_classes=10), batched=True, load_from_cache_file=False)
-    b = small_ds.map(ue.CUDAProtect(key=11, num_classes=10), batched=True, load_from_cache_file=False)
-    c = small_ds.map(ue.CUDAProtect(key=12, num_classes=10), batched=True, load_from_cache_file=False)
+    a = small_ds.map(ue.CUDAProtect(key=11, allow_weak_key=True, num_classes=10), batched=True, load_from_cache_file=False)
+    b = small_ds.map(ue.CUDAProtect(key=11, allow_weak_key=True, num_classes=10), batched=True, load_from_cache_file=False)
+    c = small_ds.map(ue.CUDAProtect(key=12, allow_weak_key=True, num_classes=10), batched=True, load_from_cache_file=False)
     assert png_bytes(a) == png_bytes(b)
     assert not np.array_equal(pixels(a), pixels(c))
 
 
 def test_cuda_is_the_papers_filter(small_ds):
-    prot = ue.CUDAProtect(key=5, preset="paper").fit(small_ds, progress=False)
+    prot = ue.CUDAProtect(key=5, allow_weak_key=True, preset="paper").fit(small_ds, progress=False)
     f = prot.filters
     assert f.shape == (10, 3, 3)
     assert np.all((f == 1.0).sum(axis=(1, 2)) == 1) and np.all(f[f != 1.0] < 0.3) and np.all(f >= 0)
@@ -109,9 +109,9 @@ def test_cuda_separated_filters_keep_the_papers_distribution_and_spread_the_clas
     assert np.array_equal(make_filters(3, 10, 3, 0.3, draws=64), separated[3])
     assert np.array_equal(make_filters(3, 4, 3, 0.3, draws=64), separated[3][:4])
     # a protector with draws applies those filters; the presets are the paper's filters and p_b=1 separated
-    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10, preset="paper", filter_draws=64).filters, separated[3])
-    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10, preset="paper").filters, paper[3])
-    assert np.array_equal(ue.CUDAProtect(key=3, num_classes=10).filters, make_filters(3, 10, 3, 1.0, draws=64))
+    assert np.array_equal(ue.CUDAProtect(key=3, allow_weak_key=True, num_classes=10, preset="paper", filter_draws=64).filters, separated[3])
+    assert np.array_equal(ue.CUDAProtect(key=3, allow_weak_key=True, num_classes=10, preset="paper").filters, paper[3])
+    assert np.array_equal(ue.CUDAProtect(key=3, allow_weak_key=True, num_classes=10).filters, make_filters(3, 10, 3, 1.0, draws=64))
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -123,7 +123,7 @@ FP_SCRIPT = textwrap.dedent(
     ds = ue.load_sample_dataset().select(range(20))
     p = ue.SEMProtect.from_pretrained(sys.argv[1])
     unfitted = ue.SEMProtect(seed=4)
-    cuda = ue.CUDAProtect(key=77, num_classes=10)
+    cuda = ue.CUDAProtect(key=77, allow_weak_key=True, num_classes=10)
     out = ds.map(p, batched=True)
     print(json.dumps([Hasher.hash(p), Hasher.hash(unfitted), Hasher.hash(cuda), out._fingerprint]))
     """
@@ -147,7 +147,7 @@ def test_fingerprint_ignores_model_mode_and_changes_with_state(small_ds, sem):
     sem._model().eval()
     assert sem.fingerprint == before
     assert ue.SEMProtect(seed=0, **TINY_MINMIN).fingerprint != before  # unfitted differs
-    assert ue.CUDAProtect(key=1, num_classes=10).fingerprint != ue.CUDAProtect(key=2, num_classes=10).fingerprint
+    assert ue.CUDAProtect(key=1, allow_weak_key=True, num_classes=10).fingerprint != ue.CUDAProtect(key=2, allow_weak_key=True, num_classes=10).fingerprint
 
 
 # ---------------------------------------------------------------- save / load
@@ -172,7 +172,7 @@ def test_saved_and_reloaded_protector_gives_identical_output(small_ds, tmp_path,
 
 def test_cuda_key_never_saved_and_required_on_load(small_ds, tmp_path):
     key = 987654321987
-    prot = ue.CUDAProtect(key=key).fit(small_ds, progress=False)
+    prot = ue.CUDAProtect(key=key, allow_weak_key=True).fit(small_ds, progress=False)
     prot.save_pretrained(tmp_path / "c")
     for f in (tmp_path / "c").iterdir():
         assert str(key).encode() not in f.read_bytes()
@@ -198,10 +198,10 @@ def test_num_proc_map_matches_single_process(small_ds, sem):
 def test_columns_detected_and_overridable(small_ds):
     ds = small_ds.rename_column("image", "picture").rename_column("label", "category")
     ds = ds.add_column("other_label", [0] * len(ds))
-    prot = ue.CUDAProtect(key=3)
+    prot = ue.CUDAProtect(key=3, allow_weak_key=True)
     cols = prot.columns_for(ds.features)
     assert cols.image == "picture" and cols.label == "category"
-    prot2 = ue.CUDAProtect(key=3, label_column="other_label").fit(ds, progress=False)
+    prot2 = ue.CUDAProtect(key=3, allow_weak_key=True, label_column="other_label").fit(ds, progress=False)
     assert prot2.num_classes == 1
     out = ds.map(prot2, batched=True, load_from_cache_file=False)
     assert out.column_names == ds.column_names and out["category"] == ds["category"]
@@ -233,7 +233,7 @@ def test_empty_dataset(small_ds):
 def test_no_image_column():
     ds = datasets.Dataset.from_dict({"text": ["a"], "label": [0]})
     with pytest.raises(ColumnError, match="no image column"):
-        ue.CUDAProtect(key=1).fit(ds)
+        ue.CUDAProtect(key=1, allow_weak_key=True).fit(ds)
 
 
 def test_no_label_column_points_to_label_agnostic(small_ds):
@@ -260,7 +260,7 @@ def test_unknown_method_and_options():
 @pytest.mark.parametrize("key", ["123", 1.5, True, None])
 def test_cuda_key_must_be_integer(key):
     with pytest.raises((TypeError, ValueError), match="key"):
-        ue.CUDAProtect(key=key)
+        ue.CUDAProtect(key=key, allow_weak_key=True)
 
 
 def test_labels_out_of_range(small_ds, sem):
@@ -276,4 +276,4 @@ def test_unsupported_mode_is_clear():
     ds = datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}], "label": [0]},
                                     features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)}))
     with pytest.raises(ue.ImageDecodeError, match="mode 'F'"):
-        ds.map(ue.CUDAProtect(key=1, num_classes=2), batched=True)
+        ds.map(ue.CUDAProtect(key=1, allow_weak_key=True, num_classes=2), batched=True)

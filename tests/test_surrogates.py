@@ -183,6 +183,9 @@ def test_pretrained_cifar_resnet_is_a_builtin_feature_encoder(sample_ds):
     assert accuracy > 0.8  # the real pretrained weights (91.7 % on the test set), not a random net
     with pytest.raises(ValueError, match="several weight files"):
         ue.surrogates.load_encoder(str(weights.parent))
+    again = ue.surrogates.rebuild_encoder(enc.desc)  # what a method does after unpickling
+    with torch.no_grad():
+        assert torch.equal(again(x[:4]), feats[:4])
 
 
 def test_classifier_surrogate_round_trip():

@@ -27,6 +27,7 @@ from .core.images import ImageDecodeError
 from .core.options import cli_fields, field_help, field_type, secret_fields
 from .core.registry import get_method, list_methods
 from .evaluation.metrics import dataset_quality
+from .outputs import OutputError, OutputLock, check_output, move_into_place, partial_dir
 from .preview import save_preview
 
 logger = logging.getLogger("uexamples")
@@ -74,6 +75,10 @@ def secret_values(klass: type, args: argparse.Namespace) -> dict[str, Any]:
     values = {}
     for f in secret_fields(klass.config_class):
         raw = getattr(args, f.name, None)
+        if raw is not None and f.metadata.get("env"):
+            print(f"uexamples: warning: --{f.name.replace('_', '-')} on the command line is visible to every user of "
+                  f"this machine (ps, shell history); prefer the {f.metadata['env']} environment variable",
+                  file=sys.stderr)  # fmt: skip
         if raw is None and f.metadata.get("env"):
             raw = os.environ.get(f.metadata["env"])
         if raw is None:
@@ -101,40 +106,52 @@ def build_protector(args: argparse.Namespace):
 
 
 def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Dataset, protected: datasets.Dataset,
-                 protector, **timings: Any) -> dict:  # fmt: skip
-    """Write dataset/, protector/, summary.json and preview.png into ``DIR.partial``, then rename it to ``DIR``.
+                 protector, started: float | None = None, **timings: Any) -> dict:  # fmt: skip
+    """Write dataset/, protector/, summary.json and preview.png into a partial folder unique to this run,
+    then move it into place (``outputs.move_into_place``: atomic, also with ``--overwrite``).
 
-    Nothing that looks complete exists before everything succeeded. Returns the summary.
+    Nothing that looks complete exists before everything succeeded. ``started``: when the run began;
+    the summary's ``seconds`` then counts everything, the quality metrics and the preview included.
+    Returns the summary.
     """
     columns = protector.columns_for(source.features)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_dir(out_dir)
     tmp.mkdir(parents=True)
-    protected.save_to_disk(str(tmp / "dataset"))
-    protector.save_pretrained(tmp / "protector")
-    summary = {
-        "uexamples_version": __version__,
-        "method": protector.method,
-        "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
-        "split": args.split,
-        "images": len(source),
-        **timings,
-        "config": protector.public_config(),
-        "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
-        **dataset_quality(source, protected, columns.image),
-    }
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    save_preview(source, protected, columns.image, tmp / "preview.png")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    try:
+        protected.save_to_disk(str(tmp / "dataset"))
+        protector.save_pretrained(tmp / "protector")
+        t0 = time.time()
+        quality = dataset_quality(source, protected, columns.image, progress=not getattr(args, "quiet", False))
+        save_preview(source, protected, columns.image, tmp / "preview.png")
+        timings["quality_seconds"] = round(time.time() - t0, 2)
+        if started is not None:
+            timings["seconds"] = round(time.time() - started, 2)
+        summary = {
+            "uexamples_version": __version__,
+            "method": protector.method,
+            "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
+            "split": args.split,
+            "images": len(source),
+            **timings,
+            "config": protector.public_config(),
+            "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
+            **quality,
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        move_into_place(tmp, out_dir, overwrite=bool(getattr(args, "overwrite", False)))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return summary
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
-    out_dir = Path(args.output)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise CLIError(f"output folder {out_dir} is not empty; pass --overwrite to replace it")
+    out_dir = check_output(args.output, args.overwrite)
+    with OutputLock(out_dir):
+        return _protect(args, out_dir)
+
+
+def _protect(args: argparse.Namespace, out_dir: Path) -> int:
     ds = load_any_dataset(args.dataset, args.config, args.split)
     if len(ds) == 0:
         raise CLIError("the dataset is empty (0 rows): nothing to protect")
@@ -146,13 +163,13 @@ def cmd_protect(args: argparse.Namespace) -> int:
     t0 = time.time()
     protected = protector.apply(ds, batch_size=args.map_batch_size, load_from_cache_file=False)
     map_s = time.time() - t0
-    summary = write_output(out_dir, args, ds, protected, protector, fit_seconds=round(fit_s, 2),
-                           map_seconds=round(map_s, 2), seconds=round(time.time() - started, 2))  # fmt: skip
+    summary = write_output(out_dir, args, ds, protected, protector, started=started, fit_seconds=round(fit_s, 2),
+                           map_seconds=round(map_s, 2))  # fmt: skip
     stats = summary
     bound = "none (CUDA is unbounded)" if protector.config.epsilon is None else f"{round(protector.config.epsilon * 255)}/255"
     print(
         f"protected {summary['images']} images with {protector.method.upper()} in {summary['seconds']:.1f} s "
-        f"(fit {fit_s:.1f} s, map {map_s:.1f} s)\n"
+        f"(fit {fit_s:.1f} s, map {map_s:.1f} s, quality and preview {summary['quality_seconds']:.1f} s)\n"
         f"  L-inf {stats['linf_levels']} levels (bound {bound}), mean PSNR {stats['mean_psnr']:.2f} dB, "
         f"mean SSIM {stats['mean_ssim']:.4f}\n"
         f"  dataset: {out_dir / 'dataset'}  (load with datasets.load_from_disk)\n"
@@ -264,7 +281,8 @@ def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAU
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"one of {', '.join(list_methods())} (default: {DEFAULT_METHOD}); the options below are "
                         "those of this method: `--method NAME --help` lists another's")  # fmt: skip
-    p.add_argument("--map-batch-size", type=int, default=256)
+    p.add_argument("--map-batch-size", type=int, default=None,
+                   help="rows per datasets.map batch (default: from the image size, so that large photos fit in memory)")
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -320,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets.disable_progress_bars()
     try:
         return args.func(args)
-    except (CLIError, ColumnError, ImageDecodeError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (CLIError, ColumnError, ImageDecodeError, OutputError, ValueError, TypeError, FileNotFoundError) as exc:
         print(f"uexamples: error: {exc}", file=sys.stderr)
         return 2
 

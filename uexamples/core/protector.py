@@ -47,7 +47,9 @@ class ProtectorConfig:
     image_column: str | None = option(None, "image column (default: the first Image feature)")
     label_column: str | None = option(None, "class label column (default: a ClassLabel, or an integer 'label'/'labels')")
     text_column: str | None = option(None, "caption column, strings or lists of strings (default: 'caption'/'text'/...)")
-    batch_size: int = option(128, "images processed together inside one map batch")
+    batch_size: int = option(128, "images processed together inside one map batch (at most)")
+    batch_pixels: int = option(2**22, "pixels processed together (at most; one larger image goes alone): bounds "
+                               "memory on large photos, whatever the number of rows")  # fmt: skip
     device: str | None = option(None, "torch device: cpu, cuda, cuda:1, ... (default: CUDA when available)")
     preset: str = option("fast", "a named set of defaults of the method (see its PRESETS)")
 
@@ -109,7 +111,7 @@ class Protector:
     needs_texts: ClassVar[bool] = False
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "paper": {}}
     # Config fields a loaded protector may take at run time without changing what it computes.
-    RUNTIME_OPTIONS: ClassVar[tuple[str, ...]] = ("device", "batch_size")
+    RUNTIME_OPTIONS: ClassVar[tuple[str, ...]] = ("device", "batch_size", "batch_pixels")
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         if preset not in self.PRESETS:
@@ -145,8 +147,12 @@ class Protector:
             cfg.epsilon = check_epsilon(cfg.epsilon)
         if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
             raise TypeError(f"seed must be an integer, got {cfg.seed!r}")
-        if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, (int, np.integer)) or cfg.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+        if not 0 <= cfg.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63) (what torch's generators take), got {cfg.seed}")
+        for name in ("batch_size", "batch_pixels"):
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @classmethod
     def secret_names(cls) -> list[str]:
@@ -175,11 +181,7 @@ class Protector:
             raise ValueError("cannot fit on an empty dataset (0 rows)")
         self._columns = self.columns_for(dataset.features)
         if self.needs_labels:
-            if self._columns.num_classes is not None:
-                self.num_classes = self._columns.num_classes
-            else:
-                labels = np.asarray(dataset[self._columns.label])
-                self.num_classes = int(labels.max()) + 1
+            self.num_classes = self._fit_num_classes(dataset, self._columns)
         self._accelerator = accelerator
         self._checkpoint = (checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
         try:
@@ -189,6 +191,20 @@ class Protector:
             self._checkpoint = None
         self.fitted = True
         return self
+
+    def _fit_num_classes(self, dataset: datasets.Dataset, columns: Columns) -> int:
+        """The number of classes, after checking every label (integers, >= 0, below a ClassLabel's count)."""
+        labels = np.asarray(dataset[columns.label])
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"label column {columns.label!r} holds {labels.dtype} values, not integer class labels")
+        bad = np.flatnonzero((labels < 0) | ((labels >= columns.num_classes) if columns.num_classes else False))
+        if bad.size == len(labels):
+            raise ValueError(f"no row of {columns.label!r} has a class label (all are like {labels[0]}: unlabelled); "
+                             f"{self.method.upper()} needs labels: use a method that needs none ({label_free_methods()})")  # fmt: skip
+        if bad.size:
+            raise ValueError(f"label {labels[bad[0]]} at row {bad[0]} is not a class ({bad.size} such rows; "
+                             f"unlabelled rows are -1): drop them before protecting with {self.method.upper()}")  # fmt: skip
+        return columns.num_classes if columns.num_classes is not None else int(labels.max()) + 1
 
     def columns_for(self, features: datasets.Features) -> Columns:
         """The dataset's image/label/caption columns; an error when one this method needs is missing."""
@@ -210,23 +226,40 @@ class Protector:
         if len(cells) == 0:
             return batch
         rows = list(indices) if indices is not None else [None] * len(cells)
-        natives = [NativeImage.from_pil(load_pil(c, row=r), row=r) for c, r in zip(cells, rows)]
-        whole = ProtectBatch(
-            images=natives,
-            labels=self._read_labels(batch, label_col, rows),
-            texts=[caption_of(v, r) for v, r in zip(batch[text_col], rows)] if text_col is not None else None,
-            rows=rows,
-            seed=self.config.seed,
-        )
-        new_colors: list[np.ndarray] = []
-        bs = self.config.batch_size
-        for start in range(0, len(natives), bs):
-            new_colors.extend(self.protect_batch(whole[start : start + bs]))
-        bound = self.bound_for
+        labels = self._read_labels(batch, label_col, rows)
+        texts = [caption_of(v, r) for v, r in zip(batch[text_col], rows)] if text_col is not None else None
+        out_cells: list[Any] = [None] * len(cells)
+        cfg = self.config
+        chunk: list[int] = []
+        natives: dict[int, NativeImage] = {}
+        pixels = 0
+
+        def flush() -> None:
+            part = ProtectBatch(
+                images=[natives[i] for i in chunk],
+                labels=None if labels is None else [labels[i] for i in chunk],
+                texts=None if texts is None else [texts[i] for i in chunk],
+                rows=[rows[i] for i in chunk],
+                seed=cfg.seed,
+            )
+            for i, color in zip(chunk, self.protect_batch(part)):
+                nat = natives.pop(i)
+                out_cells[i] = restore_cell(cells[i], nat.to_pil(color, self.bound_for(nat)))
+            chunk.clear()
+
+        # images are decoded one chunk at a time: at most batch_size rows and batch_pixels pixels in memory
+        for i, (cell, row) in enumerate(zip(cells, rows)):
+            nat = NativeImage.from_pil(load_pil(cell, row=row), row=row)
+            size = nat.size[0] * nat.size[1]
+            if chunk and (len(chunk) >= cfg.batch_size or pixels + size > cfg.batch_pixels):
+                flush()
+                pixels = 0
+            natives[i] = nat
+            chunk.append(i)
+            pixels += size
+        flush()
         out = dict(batch)
-        out[image_col] = [
-            restore_cell(cell, nat.to_pil(col, bound(nat))) for cell, nat, col in zip(cells, natives, new_colors)
-        ]
+        out[image_col] = out_cells
         return out
 
     def apply(self, dataset: datasets.Dataset, **map_kwargs: Any) -> datasets.Dataset:
@@ -236,10 +269,34 @@ class Protector:
         """
         cols = self.columns_for(dataset.features)
         raw = dataset.cast_column(cols.image, datasets.Image(decode=False))
+        if map_kwargs.get("batch_size") is None:
+            map_kwargs["batch_size"] = self.map_batch_size(raw, cols.image)
         map_kwargs.setdefault("batched", True)
         map_kwargs.setdefault("desc", f"Protecting ({self.method})")
         out = raw.map(self, with_indices=True, **map_kwargs)
         return out.cast_column(cols.image, dataset.features[cols.image])
+
+    def map_batch_size(self, raw: datasets.Dataset, image_column: str, peek: int = 32) -> int:
+        """Rows per ``datasets.map`` batch: the output rows of a batch stay in memory until ``datasets``
+        writes them, so large photos get small batches. From the image sizes of the first rows (headers
+        only); a multiple of ``batch_size`` so that the chunks a method sees do not depend on it.
+        """
+        import io
+
+        import PIL.Image
+
+        sizes = []
+        for cell in raw.select(range(min(peek, len(raw))))[image_column]:
+            try:
+                src = io.BytesIO(cell["bytes"]) if cell.get("bytes") is not None else cell["path"]
+                with PIL.Image.open(src) as img:  # reads the header, not the pixels
+                    sizes.append(img.size[0] * img.size[1])
+            except Exception:  # a bad image is reported by the map itself, with its row
+                continue
+        mean = max(1.0, float(np.mean(sizes))) if sizes else 1024.0
+        rows = int(min(1000, max(1, 8 * self.config.batch_pixels // mean)))
+        bs = self.config.batch_size
+        return rows - rows % bs if rows >= bs else rows
 
     def bound_for(self, native: NativeImage) -> int | None:
         eps = self.config.epsilon
@@ -401,6 +458,10 @@ class Protector:
         self._init_runtime()
         self._accept_runtime_kwargs(runtime)
         if self.fitted:
+            for name, value in arrays.items():
+                value = np.asarray(value)
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise ValueError(f"the fitted array {name!r} holds NaN or infinite values: the protector is damaged")
             self._load_fitted(state["fitted_meta"], arrays)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -431,9 +492,10 @@ class Protector:
         path.mkdir(parents=True, exist_ok=True)
         state = self._state()
         state["uexamples_version"] = __version__
-        (path / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         arrays = self._saved_arrays() if self.fitted else {}
         save_file({k: np.require(v, requirements="C") for k, v in arrays.items()}, str(path / WEIGHTS_NAME))
+        state["integrity"] = _digest(state, (path / WEIGHTS_NAME).read_bytes())
+        (path / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         return path
 
     @classmethod
@@ -453,10 +515,26 @@ class Protector:
         klass = get_method(state["method"])
         if cls is not Protector and not issubclass(klass, cls):
             raise TypeError(f"{path} holds a {klass.__name__}, not a {cls.__name__}")
-        arrays = load_file(str(path / WEIGHTS_NAME)) if state["fitted"] and (path / WEIGHTS_NAME).is_file() else {}
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: a saved protector is {CONFIG_NAME} and {WEIGHTS_NAME} together")
+        expected = state.pop("integrity", None)  # absent in protectors saved before uexamples kept a digest
+        if expected is not None and _digest(state, weights.read_bytes()) != expected:
+            raise ValueError(
+                f"{path} was modified after it was saved (its config or weights do not match the digest written "
+                "with them): refusing to protect with it; save it again from the fitted protector"
+            )
+        arrays = load_file(str(weights)) if state["fitted"] else {}
         obj = klass.__new__(klass)
         obj._restore(state, arrays, runtime_kwargs, secrets_required=True)
         return obj
+
+
+def _digest(state: dict[str, Any], weights: bytes) -> str:
+    """sha256 of the saved config (canonical JSON, digest excluded) and the weights file: edits are detected."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "integrity"}, sort_keys=True).encode())
+    h.update(weights)
+    return h.hexdigest()
 
 
 def label_free_methods() -> str:

@@ -7,7 +7,7 @@ image quality of the protected set; it writes JSON, a plot PNG and a Markdown ta
 
 >>> import uexamples as ue
 >>> train, test = ue.load_sample_dataset("train"), ue.load_sample_dataset("test")
->>> protected = train.map(ue.CUDAProtect(key=7).fit(train), batched=True)
+>>> protected = train.map(ue.CUDAProtect(key=7, allow_weak_key=True).fit(train), batched=True)
 >>> report = ue.evaluate(protected, test, clean=train, victim="tinycnn", epochs=1, progress=False)
 >>> sorted(report.results[0])
 ['clean', 'countermeasure', 'protected', 'ratio']

@@ -6,6 +6,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..core.images import NativeImage, load_pil
 
@@ -16,11 +17,18 @@ def psnr(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(maxval**2 / mse)
 
 
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def _gaussian_1d(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     ax = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(ax**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :])[None, None]
+    return g / g.sum()
+
+
+def _blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The 2-D Gaussian window as two 1-D passes ('valid'): 2k taps instead of k^2 (a 12-Mpixel photo in
+    seconds rather than minutes)."""
+    k = g.numel()
+    x = F.conv2d(x, g.view(1, 1, 1, k))
+    return F.conv2d(x, g.view(1, 1, k, 1))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
@@ -31,12 +39,12 @@ def ssim(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
     x = torch.as_tensor(np.asarray(a, np.float64))[:, None]
     y = torch.as_tensor(np.asarray(b, np.float64))[:, None]
     size = min(11, x.shape[-1], x.shape[-2])
-    win = _gaussian_window(size)
+    win = _gaussian_1d(size)
     c1, c2 = (0.01 * maxval) ** 2, (0.03 * maxval) ** 2
-    mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
-    sxx = F.conv2d(x * x, win) - mu_x**2
-    syy = F.conv2d(y * y, win) - mu_y**2
-    sxy = F.conv2d(x * y, win) - mu_x * mu_y
+    mu_x, mu_y = _blur(x, win), _blur(y, win)
+    sxx = _blur(x * x, win) - mu_x**2
+    syy = _blur(y * y, win) - mu_y**2
+    sxy = _blur(x * y, win) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return float(s.mean())
 
@@ -67,7 +75,8 @@ def image_quality(original: np.ndarray, protected: np.ndarray, maxval: int = 255
 
 
 def dataset_quality(
-    original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int | None = 2000
+    original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int | None = 2000,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Image quality of a protected split against its original, row by row at the stored pixels.
 
@@ -80,6 +89,7 @@ def dataset_quality(
     raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
     limit = len(raw_o) if limit is None else limit
     linf, rows = 0, []
+    bar = tqdm(total=len(raw_o), desc="Measuring image quality", unit="img", disable=not progress)
     for start in range(0, len(raw_o), 500):
         cells_o = raw_o[start : start + 500][image_column]
         cells_p = raw_p[start : start + 500][image_column]
@@ -96,6 +106,8 @@ def dataset_quality(
                 linf = max(linf, q["linf"])
             else:
                 linf = max(linf, int(np.abs(lo.astype(np.int64) - lp).max(initial=0)))
+        bar.update(len(cells_o))
+    bar.close()
     finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
 
     def mean(key: str, default: float) -> float:

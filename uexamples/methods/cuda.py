@@ -16,10 +16,11 @@ salted, slow hash of it (``key_fingerprint``) is stored instead, and the user su
 re-create the same filters.
 
 >>> import uexamples as ue
->>> protect = ue.CUDAProtect(key=20231101, num_classes=10)
+>>> key = 2**62 + 20231101          # draw yours with secrets.randbits(62); keys below 2**32 are refused
+>>> protect = ue.CUDAProtect(key=key, num_classes=10)
 >>> protect.filters.shape
 (10, 3, 3)
->>> "20231101" in repr(protect)
+>>> str(key) in repr(protect)
 False
 """
 
@@ -46,10 +47,17 @@ def key_fingerprint(key: int) -> str:
     return secret_fingerprint(int(key))
 
 
+KEY_LIMIT = 2**63  # the generator takes 63 bits: every key in [0, 2**63) gives its own filters
+WEAK_KEY = 2**32  # below this, the saved fingerprint lets a key be found by search (see the README)
+
+
 def check_key(key: Any) -> int:
     if isinstance(key, bool) or not isinstance(key, numbers.Integral):
         raise TypeError(f"the CUDA key must be an integer (a private seed), got a {type(key).__name__}")
-    return int(key)
+    key = int(key)
+    if not 0 <= key < KEY_LIMIT:
+        raise ValueError("the CUDA key must be in [0, 2**63): larger or negative keys would share filters with others")
+    return key
 
 
 def filter_spectra(filters: np.ndarray, grid: int = 16) -> np.ndarray:
@@ -74,7 +82,7 @@ def make_filters(
     blur, and a victim then learns the real features that separate those classes: on cifar10-10k the
     victim's accuracy varied from 22 % to 33 % with the key alone (benchmarks/README.md).
     """
-    gen = torch.Generator().manual_seed(check_key(key) % (2**63))
+    gen = torch.Generator().manual_seed(check_key(key))
     taps = kernel_size * kernel_size
     chosen: list[np.ndarray] = []
     chosen_spectra: list[np.ndarray] = []
@@ -108,6 +116,8 @@ class CUDAConfig(ProtectorConfig):
     kernel_size: int = option(3, "filter size k (the paper: 3)")
     max_weight: float = option(0.3, "upper bound p_b of the random taps (the paper: 0.3)")
     filter_draws: int = option(1, "candidates per class for separated draws (1 = the paper's independent draws)")
+    allow_weak_key: bool = option(False, "accept a key below 2**32 (it can be recovered from the saved fingerprint "
+                                  "by search: only for tests and demos)")  # fmt: skip
 
 
 @register_method
@@ -153,10 +163,16 @@ class CUDAProtect(Protector):
             raise ValueError("CUDA has no L-inf bound; leave epsilon unset")
         if cfg.key is not None:
             cfg.key = check_key(cfg.key)
+            if cfg.key < WEAK_KEY and not cfg.allow_weak_key:
+                raise ValueError(
+                    "this CUDA key is below 2**32: anyone with the published fingerprint can find it by search. Draw "
+                    "one with `python -c \"import secrets; print(secrets.randbits(62))\"`, or pass allow_weak_key=True "
+                    "for a test"
+                )
         if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {cfg.num_classes!r}")
-        if not isinstance(cfg.kernel_size, int) or cfg.kernel_size < 1 or cfg.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd integer, got {cfg.kernel_size!r}")
+        if not isinstance(cfg.kernel_size, int) or cfg.kernel_size < 3 or cfg.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd integer >= 3 (1 would leave every image unchanged), got {cfg.kernel_size!r}")
         if not (0 < float(cfg.max_weight) <= 1):
             raise ValueError(f"max_weight (p_b) must be in (0, 1], got {cfg.max_weight!r}")
         if not isinstance(cfg.filter_draws, int) or cfg.filter_draws < 1:

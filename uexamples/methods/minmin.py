@@ -139,6 +139,29 @@ class MinMinProtector(AdditiveProtector):
         super().__init__(preset=preset, **kwargs)
         self._surrogate_module = module
 
+    def validate_config(self) -> None:
+        super().validate_config()
+        cfg = self.config
+        positive_ints = ("train_steps", "train_batch_size", "noise_steps", "eot_draws", "final_noise_steps",
+                         "final_eot_draws", "fit_shards", "lr_decay_every")  # fmt: skip
+        for name in positive_ints:
+            value = getattr(cfg, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r} (a fit without it protects nothing)")
+        if isinstance(cfg.adv_steps, bool) or not isinstance(cfg.adv_steps, (int, np.integer)) or cfg.adv_steps < 0:
+            raise ValueError(f"adv_steps must be an integer >= 0, got {cfg.adv_steps!r}")
+        for name in ("lr", "step_size"):
+            if not float(getattr(cfg, name)) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+        for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
+            if not float(getattr(cfg, name)) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+        if cfg.max_fit_samples is not None and (not isinstance(cfg.max_fit_samples, int) or cfg.max_fit_samples < 1):
+            raise ValueError(f"max_fit_samples must be None or a positive integer, got {cfg.max_fit_samples!r}")
+        acc = cfg.stop_at_train_accuracy
+        if acc is not None and not 0 < float(acc) <= 1:
+            raise ValueError(f"stop_at_train_accuracy must be None or in (0, 1], got {acc!r}")
+
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._surrogate_module: nn.Module | None = None

@@ -251,6 +251,16 @@ def load_encoder(spec: Any, trust_remote_code: bool = False, revision: str | Non
     return _load_transformers_encoder(str(spec), trust_remote_code, revision)
 
 
+def rebuild_encoder(desc: dict, module: nn.Module | None = None) -> FeatureEncoder:
+    """The encoder a saved description names (after unpickling or loading): frozen encoders are not
+    trained, so they are loaded again from their Hub id, folder or weights file (a module is passed again)."""
+    if desc.get("kind") == "module":
+        if module is None:
+            raise ValueError(f"this protector used a custom encoder module ({desc['class']}); pass an instance again")
+        return load_encoder(module)
+    return load_encoder(desc["name"])
+
+
 class _ModuleFeatures(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
