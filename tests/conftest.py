@@ -1,1 +1,1 @@
-from helpers import sample_ds, small_ds  # noqa: F401  (session fixtures)
+from helpers import grey_sample_repo, sample_ds, small_ds  # noqa: F401  (session fixtures)

@@ -51,3 +51,17 @@ def small_ds(sample_ds):
     labels = np.array(sample_ds["label"])
     idx = sorted(np.concatenate([np.where(labels == c)[0][:4] for c in range(10)]).tolist())
     return sample_ds.select(idx)
+
+
+@pytest.fixture(scope="session")
+def grey_sample_repo(tmp_path_factory):
+    """A local dataset repository (parquet + README with a license) of 120 embedded images in mode L: a
+    grayscale source for the CLI and publishing tests that needs nothing outside the package."""
+    import uexamples as ue
+
+    root = tmp_path_factory.mktemp("repos") / "cifar-grey"
+    (root / "data").mkdir(parents=True)
+    ds = ue.load_sample_dataset().select(range(120)).map(lambda r: {"image": r["image"].convert("L")})
+    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    (root / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n\n# 120 CIFAR-10 images in grey\n")
+    return root

@@ -10,7 +10,6 @@ import pytest
 
 from uexamples.cli import main
 
-from helpers import SHARED, shared_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +32,15 @@ def test_protect_cuda_on_embedded_sample(tmp_path, capsys, monkeypatch):
     assert key not in printed.out + printed.err
 
 
-def test_protect_sem_on_shared_grayscale_dataset(tmp_path):
-    src = shared_dataset("breastmnist")
+def test_protect_sem_on_a_grayscale_dataset_repo(tmp_path, grey_sample_repo):
+    src = datasets.load_dataset(str(grey_sample_repo), split="train")
     out = tmp_path / "bm"
-    cmd = [sys.executable, "-m", "uexamples.cli", "protect", "--dataset", str(SHARED / "datasets" / "breastmnist"),
+    cmd = [sys.executable, "-m", "uexamples.cli", "protect", "--dataset", str(grey_sample_repo),
            "--method", "sem", "--train-steps", "4", "--epsilon", str(8 / 255), "--output", str(out), "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 546 and summary["linf_levels"] <= 8
+    assert summary["images"] == 120 and summary["linf_levels"] <= 8
     ds = datasets.load_from_disk(str(out / "dataset"))
     assert ds[0]["image"].mode == "L"
     diff = np.abs(np.asarray(ds[0]["image"], int) - np.asarray(src[0]["image"], int))

@@ -88,15 +88,24 @@ def test_cutout_zeroes_one_square_per_image():
 @pytest.mark.unit
 def test_mixup_mixes_images_and_targets_with_one_lambda():
     x = _images(8)
-    y = torch.arange(8) % 4
+    y = torch.arange(8)  # one class per image: the target row tells which two images were mixed
     cm = parse_countermeasure("mixup:1")
-    xm, target = cm.mix(x, y, 4, torch.Generator().manual_seed(3))
+    xm, target = cm.mix(x, y, 8, torch.Generator().manual_seed(3))
     assert torch.allclose(target.sum(1), torch.ones(8))
-    lam = target[0, y[0]].item() if target[0].max() < 1 else 1.0
-    assert 0 < lam <= 1
-    # each mixed image is a convex combination of two originals with the same lambda
-    top2 = target.topk(2, dim=1)
-    assert torch.allclose(top2.values.sum(1), torch.ones(8)) or torch.allclose(target.max(1).values, torch.ones(8))
+    lams = target[torch.arange(8), y]  # the weight of each image's own class
+    partners = []
+    for i in range(8):
+        lam = float(lams[i])
+        others = target[i].clone()
+        others[i] = 0
+        j = int(others.argmax()) if others.max() > 0 else i  # mixed with itself when perm[i] == i
+        partners.append(j)
+        assert torch.allclose(xm[i], lam * x[i] + (1 - lam) * x[j], atol=1e-6)
+    mixed = [i for i in range(8) if partners[i] != i]
+    assert mixed, "no image was mixed with another"
+    assert torch.allclose(lams[mixed], lams[mixed[0]].expand(len(mixed)))  # one lambda for the batch
+    assert 0 < float(lams[mixed[0]]) < 1
+    assert sorted(partners) == list(range(8))  # the partners are a permutation
 
 
 @pytest.mark.unit

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, SHARED
+from helpers import REPO
 from hub_server import LocalHub
 from test_distributed import SCRIPT, script_env
 
 pytestmark = pytest.mark.integration
 KEY = "70412938475123"
-REPO_ID = "tester/breastmnist-cuda"
+REPO_ID = "tester/cifar-grey-cuda"
 
 
 @pytest.fixture()
@@ -32,10 +32,7 @@ def hub_env(tmp_path, hub) -> dict:
     return env
 
 
-def push(tmp_path, hub, out, extra=()) -> subprocess.CompletedProcess:
-    source = SHARED / "datasets" / "breastmnist"
-    if not source.is_dir():
-        pytest.skip("../shared/datasets/breastmnist is not available")
+def push(tmp_path, hub, out, source, extra=()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, SCRIPT, "--dataset", str(source), "--method", "cuda", "--quiet", "--output", str(out),
            "--push-to-hub", REPO_ID, *extra]  # fmt: skip
     return subprocess.run(cmd, env=hub_env(tmp_path, hub), capture_output=True, text=True, timeout=600)
@@ -51,9 +48,9 @@ def evaluation(tmp_path):
     return report.save(tmp_path / "eval")
 
 
-def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
+def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation, grey_sample_repo):
     out = tmp_path / "out"
-    res = push(tmp_path, local_hub, out, ["--evaluation", str(evaluation)])
+    res = push(tmp_path, local_hub, out, grey_sample_repo, ["--evaluation", str(evaluation)])
     assert res.returncode == 0, res.stderr[-3000:]
     files = local_hub.repos[REPO_ID].files
     assert {"README.md", "preview.png", "evaluation.png"} <= set(files)
@@ -64,7 +61,7 @@ def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
     assert meta["license"] == "cc-by-4.0"
     assert "unlearnable-examples" in meta["tags"]
     assert meta["uexamples"]["method"] == "cuda" and meta["uexamples"]["seed"] == 0
-    assert meta["uexamples"]["source"] == "breastmnist" and meta["uexamples"]["split"] == "train"
+    assert meta["uexamples"]["source"] == "cifar-grey" and meta["uexamples"]["split"] == "train"
     assert meta["uexamples"]["epsilon"] is None and meta["uexamples"]["evaluated"] is True
     assert "dataset_info" in meta and "configs" in meta  # what push_to_hub wrote is kept
     assert "Never re-encode the images as JPEG" in text and "@inproceedings{sadasivan2023cuda" in text
@@ -79,7 +76,7 @@ def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
         import datasets, numpy as np
         hub = datasets.load_dataset("{REPO_ID}", split="train")
         local = datasets.load_from_disk("{out / 'dataset'}")
-        assert len(hub) == len(local) == 546
+        assert len(hub) == len(local) == 120
         same = all(np.array_equal(np.asarray(a), np.asarray(b)) and a.mode == b.mode == "L"
                    for a, b in zip(hub["image"], local["image"]))
         print("EQUAL" if same and hub["label"] == local["label"] else "DIFFERENT")
@@ -97,16 +94,16 @@ def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation):
         (r"PUT /lfs-upload/", None, "connection to the Hub failed"),
     ],
 )  # fmt: skip
-def test_hub_errors_are_clear_and_a_rerun_finishes(tmp_path, local_hub, pattern, status, message):
+def test_hub_errors_are_clear_and_a_rerun_finishes(tmp_path, local_hub, pattern, status, message, grey_sample_repo):
     out = tmp_path / "out"
     local_hub.fail(pattern, status, times=50)  # persistent: the client's own retries also fail
-    res = push(tmp_path, local_hub, out)
+    res = push(tmp_path, local_hub, out, grey_sample_repo)
     assert res.returncode == 3, res.stderr[-3000:]
     assert message in res.stderr and "local output is kept" in res.stderr
     assert "Traceback" not in res.stderr
     assert (out / "summary.json").is_file() and (out / "dataset").is_dir()  # nothing lost
     local_hub.faults.clear()
-    again = push(tmp_path, local_hub, out)
+    again = push(tmp_path, local_hub, out, grey_sample_repo)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "nothing to generate" in again.stdout
     files = local_hub.repos[REPO_ID].files
@@ -121,3 +118,31 @@ def test_card_template_ships_inside_the_package():
     assert TEMPLATE.is_relative_to(Path(ue.__file__).parent)
     assert TEMPLATE.resolve() == (REPO / "cards" / "dataset_card.md").resolve()
     assert "{{ pretty_name }}" in TEMPLATE.read_text()
+
+
+@pytest.mark.slow
+def test_a_built_wheel_carries_the_card_template_and_the_sample(tmp_path):
+    """Build the wheel, install it into an empty folder, and publish-render a card from there (not the repo)."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("uexamples-*.whl")
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    check = textwrap.dedent("""
+        import uexamples as ue
+        from uexamples.cards import TEMPLATE, render_card
+        assert "/site/" in ue.__file__, ue.__file__
+        assert TEMPLATE.is_file() and not TEMPLATE.is_symlink()
+        assert len(ue.load_sample_dataset()) == 500
+        summary = {"method": "sem", "config": {"epsilon": 8 / 255, "seed": 0, "preset": "fast"}, "images": 500,
+                   "source": {"dataset": None, "split": "train"}, "linf_levels": 8, "mean_psnr": 40.0, "mean_ssim": 0.99}
+        card = render_card(summary, "someone/protected", license="mit")
+        print("OK" if "liu2024stable" in card and "Never re-encode" in card else "BAD")
+    """)
+    env = dict(script_env(tmp_path), PYTHONPATH=str(site))
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert res.stdout.strip().endswith("OK"), res.stderr[-3000:]
