@@ -347,26 +347,24 @@ class Protector:
             image_col = next((k for k in ("image", "img", "pixel_values") if k in batch), None)
         if image_col is None or image_col not in batch:
             raise ColumnError(f"no image column in the batch (columns: {list(batch)}); pass image_column=")
-        if label_col is None:
-            label_col = next((k for k in ("label", "labels") if k in batch), None)
-        if label_col is not None and label_col not in batch:
-            label_col = None
-        if self.needs_labels and label_col is None:
-            raise ColumnError(
-                f"{self.method.upper()} needs class labels but the batch has no label column "
-                f"(columns: {list(batch)}); pass label_column=, or use a method that needs none "
-                f"({label_free_methods()})"
-            )
-        if text_col is None:
-            text_col = next((k for k in TEXT_NAMES if k in batch), None)
-        if text_col is not None and text_col not in batch:
-            text_col = None
-        if self.needs_texts and text_col is None:
-            raise ColumnError(
-                f"{self.method.upper()} needs captions but the batch has no caption column "
-                f"(columns: {list(batch)}); pass text_column="
-            )
+        label_col = self._optional_column(batch, label_col, ("label", "labels"), self.needs_labels,
+                                          f"class labels but the batch has no label column (columns: {list(batch)}); "
+                                          f"pass label_column=, or use a method that needs none ({label_free_methods()})")  # fmt: skip
+        text_col = self._optional_column(batch, text_col, TEXT_NAMES, self.needs_texts,
+                                         f"captions but the batch has no caption column (columns: {list(batch)}); "
+                                         "pass text_column=")  # fmt: skip
         return image_col, label_col, text_col
+
+    def _optional_column(self, batch: dict[str, list], name: str | None, fallbacks: Sequence[str], needed: bool,
+                         missing: str) -> str | None:  # fmt: skip
+        """A label or caption column of the batch: the named one, else a usual name; an error if needed and absent."""
+        if name is None:
+            name = next((k for k in fallbacks if k in batch), None)
+        if name is not None and name not in batch:
+            name = None
+        if needed and name is None:
+            raise ColumnError(f"{self.method.upper()} needs {missing}")
+        return name
 
     def _read_labels(self, batch: dict[str, list], label_col: str | None, rows: list) -> list[int] | None:
         """Integer labels when the batch has them; checked (and required) only if the method needs them."""
