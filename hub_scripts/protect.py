@@ -8,7 +8,7 @@
         hub_scripts/protect.py --dataset ../shared/datasets/cifar10-10k --method cuda --output out/
 
 Takes the options of ``uexamples protect`` plus ``--push-to-hub REPO_ID``, ``--private``,
-``--chunk-size``, ``--fit-shards``, ``--fit-checkpoint-steps`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
+``--chunk-size``, ``--fit-checkpoint-steps`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
 in the card).
 
 How the work is split: the fit is data-parallel (the surrogate trains through
@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from uexamples.cli import CLIError, add_protect_arguments, method_from_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                conflict_handler="resolve")  # fmt: skip
     try:
         add_protect_arguments(p, method_from_argv(argv))  # the method's own options come from its config
     except CLIError as exc:
@@ -51,8 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the protected split and its card to this dataset repo")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     p.add_argument("--chunk-size", type=int, default=1000, help="rows per map chunk (the unit of resuming)")
-    p.add_argument("--fit-shards", type=int, default=None,
-                   help="batch-norm shards of each fit batch (default 2; keep it fixed to get the same result on 1 or 2 processes)")  # fmt: skip
     p.add_argument("--fit-checkpoint-steps", type=int, default=100,
                    help="save the unfinished fit every N steps, so that a killed fit goes on from there (default 100)")  # fmt: skip
     p.add_argument("--evaluation", help="a `uexamples evaluate` output folder whose table goes into the card")
@@ -118,8 +117,9 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
     runtime = dict(secrets)  # a saved protector needs its secrets again (never written in work/)
     if not fit_dir.is_dir():
         protector = build_protector(args)
-        if hasattr(protector.config, "fit_shards"):
-            protector.config.fit_shards = args.fit_shards or max(2, accelerator.num_processes)
+        if hasattr(protector.config, "fit_shards") and getattr(args, "fit_shards", None) is None:
+            # the method's own --fit-shards wins; the default is fixed (2) so that 1 and 2 processes agree
+            protector.config.fit_shards = max(2, accelerator.num_processes)
         t0 = time.time()
         protector.fit(ds, progress=not args.quiet and main_process, accelerator=accelerator,
                       checkpoint_dir=work / "fit-progress", checkpoint_every=args.fit_checkpoint_steps)  # fmt: skip

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real multi-process runs
 SCRIPT = str(REPO / "hub_scripts" / "protect.py")
 FAST_SEM = ["--method", "sem", "--train-steps", "6", "--quiet"]
 

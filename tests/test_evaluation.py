@@ -179,6 +179,7 @@ def test_dataset_quality_on_known_images():
 
 
 # ---------------------------------------------------------------- victims
+@pytest.mark.slow
 @pytest.mark.integration
 def test_clean_victim_learns_on_real_cifar():
     train = shared_dataset("cifar10-10k", "train").select(range(2000))
@@ -266,7 +267,7 @@ def test_evaluate_bad_input(protected_sample, sample_ds):
 
 @pytest.mark.integration
 def test_cli_evaluate_after_protect(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("UEXAMPLES_CUDA_KEY", "5")
+    monkeypatch.setenv("UEXAMPLES_CUDA_KEY", str(2**61 + 5))
     out = tmp_path / "out"
     assert main(["protect", "--method", "cuda", "--output", str(out), "--quiet"]) == 0
     ev = tmp_path / "eval"
@@ -280,6 +281,7 @@ def test_cli_evaluate_after_protect(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--protected", str(out), "--countermeasures", "nope", "--output", str(ev)]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_readme_evaluate_example_runs_as_written(tmp_path, monkeypatch):
     from helpers import REPO
