@@ -76,13 +76,17 @@ def detect_columns(
         if label_column is None:
             label_column = next((n for n in LABEL_NAMES if n in features and _is_int(features[n])), None)
     if need_label and label_column is None:
-        from .registry import methods_without
+        from .registry import list_methods, methods_without
 
-        free = methods_without("labels")
+        hint = ""
+        if method.lower() in list_methods():  # a protection method: point to those that need no labels
+            free = methods_without("labels")
+            hint = ", or use a method that needs no labels: " + (
+                ", ".join(free) if free else "none is installed yet (UC and T2UE are on the roadmap)"
+            )
         raise ColumnError(
             f"{method} needs class labels, but no ClassLabel or integer 'label'/'labels' column was found "
-            f"among {names}. Name one with label_column=..., or use a method that needs no labels: "
-            + (", ".join(free) if free else "none is installed yet (UC and T2UE are on the roadmap)")
+            f"among {names}. Name one with label_column=...{hint}"
         )
 
     if text_column is not None:
