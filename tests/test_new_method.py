@@ -211,3 +211,28 @@ def test_toy_through_cli_card_and_protect_script(captioned, tmp_path, capsys):
     script_ds = datasets.load_from_disk(str(script_out / "dataset"))
     assert np.array_equal(pixels(script_ds), pixels(expected))
     assert json.loads((script_out / "summary.json").read_text())["config"]["pattern_cells"] == 2
+
+
+# ---------------------------------------------------------------------------------- engine hooks
+@register_method
+class ToyLeftHalfSEM(ue.SEMProtect):
+    """SEM whose noise lives on the left half of the image only: a projection, not a copy of the engine."""
+
+    method = "toy-left-sem"
+    title = "Toy left-half SEM"
+    paper = "Nobody, *A mask*, 2026"
+
+    def project(self, delta, x, grey):
+        delta = super().project(delta, x, grey)
+        mask = torch.zeros_like(delta)
+        mask[..., : delta.shape[-1] // 2] = 1
+        return delta * mask
+
+
+def test_a_projection_hook_restricts_the_noise(small_ds):
+    tiny = dict(surrogate="tinycnn", train_steps=3, train_batch_size=32, noise_steps=2, eot_draws=1, adv_steps=1,
+                final_noise_steps=3, final_eot_draws=1)  # fmt: skip
+    protector = ToyLeftHalfSEM(seed=0, **tiny).fit(small_ds, progress=False)
+    d = pixels(small_ds.map(protector, batched=True, load_from_cache_file=False)) - pixels(small_ds)
+    assert np.abs(d[:, :, 16:]).max() == 0  # (N, H, W, C): the right half is untouched
+    assert 0 < np.abs(d[:, :, :16]).max() <= 8
