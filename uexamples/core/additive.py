@@ -55,8 +55,8 @@ class AdditiveConfig(ProtectorConfig):
 
 def to_working(images: list[NativeImage], resolution: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack images into (B, 3, R, R) in [0, 1] (``None``: at their own, common size); also the (B,) grey mask."""
-    if resolution is None and len({img.color.shape[1:] for img in images}) > 1:
-        sizes = sorted({img.color.shape[1:] for img in images})
+    sizes = sorted({img.color.shape[1:] for img in images}) if resolution is None else []
+    if len(sizes) > 1:
         raise ValueError(f"native resolution needs images of one size here, got {sizes[:4]}; set resolution=N")
     out = []
     for img in images:

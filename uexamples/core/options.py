@@ -18,6 +18,7 @@ read one description, the way peft's configs carry ``metadata={"help": ...}``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 
@@ -30,7 +31,6 @@ def option(
     env: str | None = None,
     choices: tuple | None = None,
     parse: Callable[[str], Any] | None = None,
-    default_factory: Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field with its documentation.
 
@@ -41,9 +41,17 @@ def option(
     choices: allowed values. parse: how the command line turns the string into a value.
     """
     meta = {"help": help, "cli": cli and not secret, "secret": secret, "env": env, "choices": choices, "parse": parse}
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def check_int(config: Any, name: str, minimum: int = 1, optional: bool = False) -> None:
+    """Refuse a config field that is not an integer >= ``minimum`` (bools refused; ``None`` if ``optional``)."""
+    value = getattr(config, name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def cli_fields(config_class: type) -> list[dataclasses.Field]:
@@ -69,4 +77,4 @@ def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
     return {"bool": bool, "int": int, "float": float}.get(first, str)
 
 
-__all__ = ["option", "cli_fields", "secret_fields", "field_help", "field_type"]
+__all__ = ["option", "check_int", "cli_fields", "secret_fields", "field_help", "field_type"]

@@ -25,7 +25,7 @@ from .. import __version__
 from .batch import ProtectBatch, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
 from .columns import TEXT_NAMES, ColumnError, Columns, detect_columns
 from .images import NativeImage, bound_levels, load_pil, restore_cell
-from .options import option, secret_fields
+from .options import check_int, option, secret_fields
 from .registry import get_method, methods_without
 
 logger = logging.getLogger("uexamples")
@@ -149,10 +149,8 @@ class Protector:
             raise TypeError(f"seed must be an integer, got {cfg.seed!r}")
         if not 0 <= cfg.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63) (what torch's generators take), got {cfg.seed}")
-        for name in ("batch_size", "batch_pixels"):
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(cfg, "batch_size")
+        check_int(cfg, "batch_pixels")
 
     @classmethod
     def secret_names(cls) -> list[str]:

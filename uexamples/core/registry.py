@@ -77,7 +77,7 @@ def load_plugins() -> None:
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
-    for entry in re.split(r"[,]", os.environ.get(PLUGINS_ENV, "")):
+    for entry in os.environ.get(PLUGINS_ENV, "").split(","):
         if entry.strip():
             _import_plugin(entry.strip())
 

@@ -12,7 +12,7 @@ learns what really tells them apart. Measured on cifar10-10k (3 keys, benchmarks
 accuracy 27.8 % (paper) -> 18.1 % (fast), at the same PSNR of about 19 dB.
 
 The private key seeds the filters. It is never written to a saved config, a log or a card: a
-salted, slow hash of it (``key_fingerprint``) is stored instead, and the user supplies the key again to
+salted, slow hash of it (``core.protector.secret_fingerprint``) is stored instead, and the user supplies the key again to
 re-create the same filters.
 
 >>> import uexamples as ue
@@ -35,16 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ..core.batch import ProtectBatch
-from ..core.options import option
-from ..core.protector import Protector, ProtectorConfig, secret_fingerprint
+from ..core.options import check_int, option
+from ..core.protector import Protector, ProtectorConfig
 from ..core.registry import register_method
 
 KEY_ENV = "UEXAMPLES_CUDA_KEY"
-
-
-def key_fingerprint(key: int) -> str:
-    """A salted PBKDF2 hash of the key: lets a saved protector check a key without storing it."""
-    return secret_fingerprint(int(key))
 
 
 KEY_LIMIT = 2**63  # the generator takes 63 bits: every key in [0, 2**63) gives its own filters
@@ -169,14 +164,13 @@ class CUDAProtect(Protector):
                     "one with `python -c \"import secrets; print(secrets.randbits(62))\"`, or pass allow_weak_key=True "
                     "for a test"
                 )
-        if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
-            raise ValueError(f"num_classes must be a positive integer, got {cfg.num_classes!r}")
-        if not isinstance(cfg.kernel_size, int) or cfg.kernel_size < 3 or cfg.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be an odd integer >= 3 (1 would leave every image unchanged), got {cfg.kernel_size!r}")
+        check_int(cfg, "num_classes", optional=True)
+        check_int(cfg, "kernel_size", minimum=3)  # 1 would leave every image unchanged
+        if cfg.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (a centred filter), got {cfg.kernel_size!r}")
         if not (0 < float(cfg.max_weight) <= 1):
             raise ValueError(f"max_weight (p_b) must be in (0, 1], got {cfg.max_weight!r}")
-        if not isinstance(cfg.filter_draws, int) or cfg.filter_draws < 1:
-            raise ValueError(f"filter_draws must be a positive integer, got {cfg.filter_draws!r}")
+        check_int(cfg, "filter_draws")
 
     @property
     def filters(self) -> np.ndarray:

@@ -36,7 +36,7 @@ from ..core.checkpoint import FitCheckpoint
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import load_split
-from ..core.options import option
+from ..core.options import check_int, option
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 
 
@@ -80,6 +80,13 @@ def pgd_ascent(
         (g,) = torch.autograd.grad(loss, r)
         r = (r.detach() + step * g.sign()).clamp(-radius, radius)
     return r.detach()
+
+
+def uniform_per_copy(rnd, xt: torch.Tensor, draws: int, radius: float) -> torch.Tensor:
+    """U(-radius, radius), one draw per sample and augmented copy, laid out like ``xt`` (the J copies
+    stacked draw-major, as ``repeat`` makes them): SEM's random offset, REM's PGD start."""
+    u = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * radius
+    return u.transpose(0, 1).reshape_as(xt)
 
 
 @dataclasses.dataclass
@@ -142,22 +149,17 @@ class MinMinProtector(AdditiveProtector):
     def validate_config(self) -> None:
         super().validate_config()
         cfg = self.config
-        positive_ints = ("train_steps", "train_batch_size", "noise_steps", "eot_draws", "final_noise_steps",
-                         "final_eot_draws", "fit_shards", "lr_decay_every")  # fmt: skip
-        for name in positive_ints:
-            value = getattr(cfg, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r} (a fit without it protects nothing)")
-        if isinstance(cfg.adv_steps, bool) or not isinstance(cfg.adv_steps, (int, np.integer)) or cfg.adv_steps < 0:
-            raise ValueError(f"adv_steps must be an integer >= 0, got {cfg.adv_steps!r}")
+        for name in ("train_steps", "train_batch_size", "noise_steps", "eot_draws", "final_noise_steps",
+                     "final_eot_draws", "fit_shards", "lr_decay_every"):  # fmt: skip
+            check_int(cfg, name)  # 0 steps would fit nothing and "protect" with untrained noise
+        check_int(cfg, "adv_steps", minimum=0)
+        check_int(cfg, "max_fit_samples", optional=True)
         for name in ("lr", "step_size"):
             if not float(getattr(cfg, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
         for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
             if not float(getattr(cfg, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
-        if cfg.max_fit_samples is not None and (not isinstance(cfg.max_fit_samples, int) or cfg.max_fit_samples < 1):
-            raise ValueError(f"max_fit_samples must be None or a positive integer, got {cfg.max_fit_samples!r}")
         acc = cfg.stop_at_train_accuracy
         if acc is not None and not 0 < float(acc) <= 1:
             raise ValueError(f"stop_at_train_accuracy must be None or in (0, 1], got {acc!r}")
@@ -436,4 +438,4 @@ class MinMinProtector(AdditiveProtector):
         return cfg.final_noise_steps * cfg.final_eot_draws * inner
 
 
-__all__ = ["FitState", "MinMinConfig", "MinMinProtector", "pgd_ascent", "to_fast_layout"]
+__all__ = ["FitState", "MinMinConfig", "MinMinProtector", "pgd_ascent", "to_fast_layout", "uniform_per_copy"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..core.registry import register_method
-from .minmin import MinMinProtector, pgd_ascent
+from .minmin import MinMinProtector, pgd_ascent, uniform_per_copy
 from .sem import FAST as SEM_FAST
 from .sem import PAPER as SEM_PAPER
 
@@ -43,8 +43,7 @@ class REMProtect(MinMinProtector):
         """x_r = t(x + delta) + r, r the PGD *ascent* of radius rho_a from a uniform start."""
         cfg = self.config
         rho_a = float(cfg.adv_radius)
-        init = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * rho_a
-        init = init.transpose(0, 1).reshape_as(xt)
+        init = uniform_per_copy(rnd, xt, draws, rho_a)
         r = pgd_ascent(model, xt.detach(), targets, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init,
                        self._mean_objective)  # fmt: skip
         self.passes += cfg.adv_steps * xt.shape[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..core.registry import register_method
-from .minmin import MinMinProtector
+from .minmin import MinMinProtector, uniform_per_copy
 
 PAPER = dict(
     surrogate="resnet18", train_steps=5000, train_batch_size=128, lr=0.1, lr_decay_every=2000,
@@ -53,6 +53,4 @@ class SEMProtect(MinMinProtector):
 
     def robust_inputs(self, model, xt: torch.Tensor, targets, rnd, draws: int) -> torch.Tensor:
         """x_r = t(x + delta) + u, u ~ U(-rho_a, rho_a): one random draw per copy (REM's PGD, at no cost)."""
-        rho_a = float(self.config.adv_radius)
-        u = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * rho_a
-        return xt + u.transpose(0, 1).reshape_as(xt)
+        return xt + uniform_per_copy(rnd, xt, draws, float(self.config.adv_radius))

@@ -273,11 +273,9 @@ class _ModuleFeatures(nn.Module):
 def _load_transformers_encoder(name: str, trust_remote_code: bool, revision: str | None) -> FeatureEncoder:
     import transformers
 
-    from .transformers_models import _processor_geometry, load_config
+    from .transformers_models import _processor_geometry, hub_kwargs, load_config
 
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kwargs["revision"] = revision
+    kwargs = hub_kwargs(trust_remote_code, revision)
     config = load_config(name, kwargs)
     if config.model_type == "clip":
         cls, kind = transformers.CLIPModel, "clip"

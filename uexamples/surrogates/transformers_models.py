@@ -98,6 +98,11 @@ def _pick_class(config) -> tuple[Any, bool]:
     return transformers.AutoModel, False
 
 
+def hub_kwargs(trust_remote_code: bool = False, revision: str | None = None) -> dict[str, Any]:
+    """The ``from_pretrained`` arguments every model, config and processor load shares."""
+    return {"trust_remote_code": trust_remote_code, **({"revision": revision} if revision else {})}
+
+
 def load_config(name: str, load_kwargs: dict) -> Any:
     """A model's config by Hub id or folder; a clear error offline or for a missing model."""
     from transformers import AutoConfig
@@ -118,9 +123,7 @@ def load_transformers_surrogate(
     name: str, num_classes: int, trust_remote_code: bool = False, revision: str | None = None
 ) -> tuple[PixelSpaceModel, dict]:
     """Load a transformers image model by Hub id or local folder; return the wrapper and its description."""
-    load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        load_kwargs["revision"] = revision
+    load_kwargs = hub_kwargs(trust_remote_code, revision)
     config = load_config(name, load_kwargs)
     cls, own_head = _pick_class(config)
     kwargs = dict(load_kwargs, dtype=torch.float32)  # float32: we differentiate through the surrogate
