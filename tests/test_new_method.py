@@ -236,3 +236,16 @@ def test_a_projection_hook_restricts_the_noise(small_ds):
     d = pixels(small_ds.map(protector, batched=True, load_from_cache_file=False)) - pixels(small_ds)
     assert np.abs(d[:, :, 16:]).max() == 0  # (N, H, W, C): the right half is untouched
     assert 0 < np.abs(d[:, :, :16]).max() <= 8
+
+
+def test_float_labels_are_never_truncated_for_a_label_free_method(small_ds, monkeypatch):
+    ds = small_ds.select(range(4)).cast_column("label", datasets.Value("float32"))
+    ds = ds.map(lambda r, i: {"label": r["label"] + (0.9 if i == 1 else 0.0)}, with_indices=True)
+    seen = []
+    original = ToySeedPattern.protect_batch
+    monkeypatch.setattr(ToySeedPattern, "protect_batch", lambda self, b: seen.append(b.labels) or original(self, b))
+    ds.map(ToySeedPattern(), batched=True, load_from_cache_file=False)
+    assert seen == [None]  # 1.9 is not class 1: no labels rather than wrong ones
+    ints = small_ds.select(range(4))
+    ints.map(ToySeedPattern(), batched=True, load_from_cache_file=False)
+    assert seen[-1] == ints["label"]  # integer labels are passed on

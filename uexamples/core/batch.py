@@ -78,9 +78,10 @@ class ProtectBatch:
         return ProtectBatch(images=pick(self.images), labels=pick(self.labels), texts=pick(self.texts),
                             rows=pick(self.rows), seed=self.seed, _keys=pick(self._keys))  # fmt: skip
 
-    def where(self, i: int) -> str:
-        """' at row N' for error messages (empty when the row is unknown)."""
-        return f" at row {self.rows[i]}" if self.rows[i] is not None else ""
+
+def at_row(row: int | None) -> str:
+    """' at row N' for error messages (empty when the row is unknown)."""
+    return f" at row {row}" if row is not None else ""
 
 
 def caption_of(value, row: int | None = None) -> Caption:
@@ -89,5 +90,4 @@ def caption_of(value, row: int | None = None) -> Caption:
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
         return list(value)
-    where = f" at row {row}" if row is not None else ""
-    raise ValueError(f"the caption{where} is {value!r}: expected a string or a non-empty list of strings")
+    raise ValueError(f"the caption{at_row(row)} is {value!r}: expected a string or a non-empty list of strings")

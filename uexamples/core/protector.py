@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .batch import ProtectBatch, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
+from .batch import ProtectBatch, at_row, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
 from .columns import TEXT_NAMES, ColumnError, Columns, detect_columns
 from .images import NativeImage, bound_levels, load_pil, restore_cell
 from .options import check_int, option, secret_fields
@@ -369,16 +369,13 @@ class Protector:
         if label_col is None:
             return None
         values = batch[label_col]
-        if not self.needs_labels:  # informative only: a method that does not need labels never fails on them
-            try:
-                return [int(v) for v in values]
-            except (TypeError, ValueError):
-                return None
+        integer = [not isinstance(v, bool) and isinstance(v, (int, np.integer)) for v in values]
+        if not self.needs_labels:  # informative only: never truncated (1.9 is not class 1), never an error
+            return [int(v) for v in values] if all(integer) else None
         labels = []
-        for v, row in zip(values, rows):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                where = f" at row {row}" if row is not None else ""
-                raise ValueError(f"label {v!r}{where} is not an integer class label")
+        for v, ok, row in zip(values, integer, rows):
+            if not ok:
+                raise ValueError(f"label {v!r}{at_row(row)} is not an integer class label")
             labels.append(int(v))
         self._check_labels(labels, rows)
         return labels
@@ -387,8 +384,7 @@ class Protector:
         n = self.num_classes
         for lab, row in zip(labels, rows):
             if lab < 0 or (n is not None and lab >= n):
-                where = f" at row {row}" if row is not None else ""
-                raise ValueError(f"label {lab}{where} is outside [0, {n}) (the classes seen at fit)")
+                raise ValueError(f"label {lab}{at_row(row)} is outside [0, {n}) (the classes seen at fit)")
 
     def public_config(self) -> dict[str, Any]:
         """The config as JSON-able dict, secrets removed."""
