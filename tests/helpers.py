@@ -65,3 +65,31 @@ def grey_sample_repo(tmp_path_factory):
     ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
     (root / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n\n# 120 CIFAR-10 images in grey\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    path = tmp_path_factory.mktemp("vit")
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=3, architectures=["ViTForImageClassification"])
+    torch.manual_seed(0)
+    ViTForImageClassification(cfg).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    path = tmp_path_factory.mktemp("clip")
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+        vision_config=dict(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)  # no preprocessor config: geometry falls back to the model config
+    return str(path)

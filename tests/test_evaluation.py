@@ -234,8 +234,21 @@ def test_evaluate_label_agnostic(protected_sample, sample_ds):
     test = ue.load_sample_dataset("test")
     vehicle = {0, 1, 8, 9}
     report = ue.evaluate(protected_sample, test, clean=sample_ds, victim="tinycnn", epochs=1, progress=False,
-                         relabel=lambda c: int(c in vehicle), quality=False)  # fmt: skip
-    assert report.config["num_classes"] == 2 and report.config["relabelled"]
+                         relabel=["cifar10-vehicles-animals", lambda c: c % 3], quality=False)  # fmt: skip
+    # one report: the own labels first, then every relabelling, each with its own clean baseline
+    assert [(r["labels"], r["num_classes"]) for r in report.results] == [("own", 10), ("cifar10-vehicles-animals", 2), ("<lambda>", 3)]
+    assert report.config["relabelled"] and report.config["labellings"]["cifar10-vehicles-animals"] == {"num_classes": 2}
+    assert report.results[1]["clean"]["curve_mean"] != report.results[0]["clean"]["curve_mean"]  # its own baseline
+    table = report.to_markdown()
+    assert "| labels (classes) | countermeasure |" in table and "| cifar10-vehicles-animals (2) | standard |" in table
+    # the built-in named relabelling equals the same function, and refuses a dataset with other classes
+    assert ue.evaluation.RELABELINGS["cifar10-vehicles-animals"](8) == 1 == int(8 in vehicle)
+    other = protected_sample.cast_column("label", datasets.ClassLabel(names=[f"c{i}" for i in range(10)]))
+    with pytest.raises(EvaluationError, match="is for the classes"):
+        ue.evaluate(other, test.cast_column("label", other.features["label"]), victim="tinycnn", epochs=1,
+                    relabel="cifar10-vehicles-animals", progress=False, quality=False)  # fmt: skip
+    with pytest.raises(EvaluationError, match="unknown relabelling"):
+        ue.evaluate(protected_sample, test, victim="tinycnn", epochs=1, relabel="nope", progress=False)
     # another label column than the protector saw
     coarse = lambda ds: ds.add_column("coarse", [int(c in vehicle) for c in ds["label"]])  # noqa: E731
     report = ue.evaluate(coarse(protected_sample), coarse(test), clean=coarse(sample_ds), victim="tinycnn", epochs=1,

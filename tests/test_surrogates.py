@@ -12,39 +12,11 @@ import uexamples as ue
 import uexamples.surrogates
 from uexamples.surrogates import PixelSpaceModel, SurrogateNotAvailable, build_surrogate
 
-from helpers import TINY_MINMIN
+from helpers import TINY_MINMIN, tiny_clip, tiny_vit  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.unit
 
 FAST = {k: v for k, v in TINY_MINMIN.items() if k != "surrogate"}
-
-
-@pytest.fixture(scope="module")
-def tiny_vit(tmp_path_factory):
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    path = tmp_path_factory.mktemp("vit")
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=64, num_labels=3, architectures=["ViTForImageClassification"])
-    torch.manual_seed(0)
-    ViTForImageClassification(cfg).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.2, 0.2]).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
-
-    path = tmp_path_factory.mktemp("clip")
-    cfg = CLIPConfig(
-        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100),
-        vision_config=dict(image_size=48, patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(path)  # no preprocessor config: geometry falls back to the model config
-    return str(path)
 
 
 def test_vit_surrogate_pixel_space(tiny_vit):

@@ -212,6 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lr=args.lr,
         image_column=args.image_column,
         label_column=args.label_column,
+        relabel=[r.strip() for r in args.relabel.split(",") if r.strip()] if args.relabel else None,
         device=args.device or "auto",
         progress=not args.quiet,
     )
@@ -222,6 +223,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 DEFAULT_METHOD = "sem"
+
+
+def _relabel_names() -> list[str]:
+    from .evaluation import RELABELINGS
+
+    return sorted(RELABELINGS)
 
 
 def method_from_argv(argv: Sequence[str]) -> str:
@@ -317,6 +324,8 @@ def build_parser(method: str | None = DEFAULT_METHOD) -> argparse.ArgumentParser
     e.add_argument("--lr", type=float)
     e.add_argument("--image-column")
     e.add_argument("--label-column", help="train the victim on this label column (label-agnostic check)")
+    e.add_argument("--relabel", help="also train victims on these relabellings the protector never saw (comma-separated; "
+                   "built-in: " + ", ".join(_relabel_names()) + ")")  # fmt: skip
     e.add_argument("--device")
     e.add_argument("--output", required=True, help="folder for report.json, curves.png and table.md")
     e.add_argument("--quiet", action="store_true")

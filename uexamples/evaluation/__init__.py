@@ -1,7 +1,7 @@
 """Evaluation: victims trained from scratch under countermeasures, image-quality metrics, reports."""
 
 from .countermeasures import COUNTERMEASURES, Countermeasure, CountermeasureError, parse_countermeasure, parse_countermeasures
-from .evaluate import EvaluationError, EvaluationReport, evaluate
+from .evaluate import RELABELINGS, EvaluationError, EvaluationReport, NamedRelabel, evaluate
 from .metrics import dataset_quality, image_quality, psnr, ssim
 from .victim import VictimResult, build_victim, dataset_to_tensors, train_victim
 
@@ -13,6 +13,8 @@ __all__ = [
     "parse_countermeasures",
     "EvaluationError",
     "EvaluationReport",
+    "NamedRelabel",
+    "RELABELINGS",
     "evaluate",
     "dataset_quality",
     "image_quality",

@@ -40,7 +40,53 @@ class EvaluationError(ValueError):
     """Inputs that cannot be evaluated together (mismatched features, bad labels, empty sets)."""
 
 
-Relabel = Callable[[int], int] | Mapping[int, int] | None
+Relabel = Callable[[int], int] | Mapping[int, int]
+
+
+@dataclass(frozen=True)
+class NamedRelabel:
+    """A labelling of a benchmark set that a protector never sees: ``mapping[old class] = new class``.
+
+    ``source_names``: the class names of the dataset it applies to (checked against a ClassLabel).
+    """
+
+    name: str
+    help: str
+    source_names: tuple[str, ...]
+    mapping: tuple[int, ...]
+    names: tuple[str, ...]
+
+    def __call__(self, label: int) -> int:
+        return self.mapping[label]
+
+
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+RETINA_GRADES = ("0", "1", "2", "3", "4")
+RELABELINGS: dict[str, NamedRelabel] = {
+    r.name: r
+    for r in (
+        NamedRelabel("cifar10-vehicles-animals", "CIFAR-10 as 2 classes: animals (0) vs vehicles (1)", CIFAR10_NAMES,
+                     (1, 1, 0, 0, 0, 0, 0, 0, 1, 1), ("animal", "vehicle")),
+        NamedRelabel("cifar10-pairs", "CIFAR-10 as 5 classes: neighbouring class pairs merged (label // 2)",
+                     CIFAR10_NAMES, (0, 0, 1, 1, 2, 2, 3, 3, 4, 4),
+                     ("airplane+automobile", "bird+cat", "deer+dog", "frog+horse", "ship+truck")),
+        NamedRelabel("retinamnist-any-disease", "RetinaMNIST as 2 classes: grade 0 (0) vs grades 1-4 (1)",
+                     RETINA_GRADES, (0, 1, 1, 1, 1), ("healthy", "disease")),
+    )
+}  # fmt: skip
+
+
+def resolve_relabel(spec: str | Relabel) -> tuple[str, Relabel]:
+    """(name, labelling) of a built-in name from :data:`RELABELINGS`, a mapping or a function."""
+    if isinstance(spec, str):
+        if spec not in RELABELINGS:
+            raise EvaluationError(f"unknown relabelling {spec!r}; built-in: {sorted(RELABELINGS)} (or pass a function)")
+        return spec, RELABELINGS[spec]
+    if isinstance(spec, Mapping):
+        return "mapping", spec
+    if callable(spec):
+        return getattr(spec, "__name__", "relabel"), spec
+    raise EvaluationError(f"relabel must be a built-in name, a mapping or a function, got {spec!r}")
 
 
 def _summary(runs: list[VictimResult]) -> dict[str, Any]:
@@ -93,10 +139,14 @@ class EvaluationReport:
             "| countermeasure | trained on protected: final | best | trained on clean: final | best | protected / clean |",
             "|---|---:|---:|---:|---:|---:|",
         ]
+        relabelled = any(r.get("labels", "own") != "own" for r in self.results)
+        if relabelled:  # the label-agnostic check: which labels the victims were trained on, first
+            lines[-2:] = ["| labels (classes) " + lines[-2], "|---" + lines[-1]]
         for r in self.results:
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            labels = f"| {r.get('labels', 'own')} ({r.get('num_classes', '?')}) " if relabelled else ""
             lines.append(
-                f"| {r['countermeasure']} | {fmt(r['protected'], 'final')} | {fmt(r['protected'], 'best')} | "
+                f"{labels}| {r['countermeasure']} | {fmt(r['protected'], 'final')} | {fmt(r['protected'], 'best')} | "
                 f"{fmt(r['clean'], 'final')} | {fmt(r['clean'], 'best')} | {ratio} |"
             )
         if self.quality:
@@ -129,7 +179,8 @@ class EvaluationReport:
                 epochs = np.arange(1, len(mean) + 1)
                 ax.plot(epochs, 100 * mean, color=colour, label=label, marker="o", markersize=3)
                 ax.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), color=colour, alpha=0.2)
-            ax.set_title(r["countermeasure"], fontsize=10)
+            labels = r.get("labels", "own")
+            ax.set_title(r["countermeasure"] + ("" if labels == "own" else f" | {labels}"), fontsize=10)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_ylim(0, 100)
@@ -175,11 +226,22 @@ def _check_features(ref: datasets.Dataset, ref_cols, other: datasets.Dataset, ot
         raise EvaluationError(f"label column types differ between the protected and the {name} set ({kinds})")
 
 
-def _apply_relabel(labels: torch.Tensor, relabel: Relabel) -> torch.Tensor:
+def _apply_relabel(labels: torch.Tensor, relabel: Relabel | None) -> torch.Tensor:
     if relabel is None:
         return labels
     fn = relabel.__getitem__ if isinstance(relabel, Mapping) else relabel
-    return torch.tensor([int(fn(int(v))) for v in labels.tolist()], dtype=torch.long)
+    try:
+        return torch.tensor([int(fn(int(v))) for v in labels.tolist()], dtype=torch.long)
+    except (KeyError, IndexError) as exc:
+        raise EvaluationError(f"the relabelling has no new class for label {exc.args[0]!r}") from exc
+
+
+def _check_source_names(relabel: Relabel, feature: Any) -> None:
+    """A built-in relabelling applies only to the classes it was written for."""
+    if isinstance(relabel, NamedRelabel) and isinstance(feature, datasets.ClassLabel):
+        if tuple(feature.names) != relabel.source_names:
+            raise EvaluationError(f"relabelling {relabel.name!r} is for the classes {list(relabel.source_names)}, "
+                                  f"this dataset has {feature.names}")  # fmt: skip
 
 
 def _check_range(labels: torch.Tensor, num_classes: int, name: str) -> None:
@@ -202,7 +264,7 @@ def evaluate(
     lr: float | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
-    relabel: Relabel = None,
+    relabel: str | Relabel | Sequence[str | Relabel] | None = None,
     num_classes: int | None = None,
     resolution: int = 32,
     device: str | None = "auto",
@@ -217,9 +279,11 @@ def evaluate(
     victim: "convnet" (CPU), "resnet18" (the papers'), "vit", any transformers config, or a callable.
     countermeasures: see ``uexamples.evaluation.countermeasures``: "standard", "cutout", "mixup",
         "grayscale", "jpeg:10", "bitdepth:2", "blur:1", "adv:4/255", "adv:8/255", "partial:0.5".
-    label_column / relabel: train and score the victim on another label column than the one the
-        protector saw, or on labels derived by ``relabel`` (a function or mapping old -> new): the
-        label-agnostic check.
+    label_column: train and score the victim on another label column than the one the protector saw.
+    relabel: the label-agnostic check. One or several labellings the protector never saw: a built-in
+        name (:data:`RELABELINGS`, e.g. ``"cifar10-vehicles-animals"``), a mapping or a function
+        old class -> new class. The report then holds the victims on the dataset's own labels and on
+        each relabelling (``results[i]["labels"]``), clean and protected alike.
     seeds: one victim per seed; results are mean +- std over seeds.
     """
     cms = parse_countermeasures(countermeasures)
@@ -249,19 +313,29 @@ def evaluate(
     p = load_split(protected, pcols.image, label_column=pcols.label, desc="Loading protected", **load)
     t = load_split(test, tcols.image, label_column=tcols.label, desc="Loading test", **load)
     c = load_split(clean, ccols.image, label_column=ccols.label, desc="Loading clean", **load) if clean is not None else None
-    py, ty = _apply_relabel(p.labels, relabel), _apply_relabel(t.labels, relabel)
-    cy = _apply_relabel(c.labels, relabel) if c is not None else None
-    if c is not None and not torch.equal(cy, py):
-        row = int((cy != py).nonzero()[0])
-        raise EvaluationError(f"labels of the clean and protected sets differ (first at row {row}): they must be the same split")
     label_feature = protected.features[pcols.label]
-    if num_classes is None:
-        if isinstance(label_feature, datasets.ClassLabel) and relabel is None:
-            num_classes = label_feature.num_classes
-        else:
-            num_classes = int(max(py.max(), ty.max())) + 1
-    _check_range(py, num_classes, "protected")
-    _check_range(ty, num_classes, "test")
+    specs = [] if relabel is None else [relabel] if isinstance(relabel, (str, Mapping)) or callable(relabel) else list(relabel)
+    labellings: list[tuple[str, Relabel | None]] = [("own", None)] + [resolve_relabel(r) for r in specs]
+    prepared = []
+    for name, fn in labellings:
+        if fn is not None:
+            _check_source_names(fn, label_feature)
+        py, ty = _apply_relabel(p.labels, fn), _apply_relabel(t.labels, fn)
+        cy = _apply_relabel(c.labels, fn) if c is not None else None
+        if c is not None and not torch.equal(cy, py):
+            row = int((cy != py).nonzero()[0])
+            raise EvaluationError(f"labels of the clean and protected sets differ (first at row {row}): they must be the same split")
+        n = num_classes if (num_classes is not None and fn is None) else None
+        if n is None:
+            if isinstance(label_feature, datasets.ClassLabel) and fn is None:
+                n = label_feature.num_classes
+            elif isinstance(fn, NamedRelabel):
+                n = len(fn.names)
+            else:
+                n = int(max(py.max(), ty.max())) + 1
+        _check_range(py, n, "protected")
+        _check_range(ty, n, "test")
+        prepared.append((name, py, ty, cy, n))
 
     report = EvaluationReport(
         config={
@@ -271,9 +345,10 @@ def evaluate(
             "batch_size": batch_size,
             "lr": lr,
             "resolution": resolution,
-            "num_classes": num_classes,
+            "num_classes": prepared[0][4],
             "label_column": pcols.label,
-            "relabelled": relabel is not None,
+            "relabelled": len(prepared) > 1,
+            "labellings": {name: {"num_classes": n} for name, _, _, _, n in prepared},
             "train_images": len(protected),
             "test_images": len(test),
             "countermeasures": [cm.label for cm in cms],
@@ -283,26 +358,30 @@ def evaluate(
         },
         quality=dataset_quality(clean, protected, pcols.image) if (quality and clean is not None) else None,
     )
-    common = dict(arch=victim, epochs=epochs, batch_size=batch_size, lr=lr, num_classes=num_classes, device=device, progress=progress)
-    clean_runs: dict[str, list[VictimResult]] = {}  # partial's baseline is plain clean training: train it once
-    for cm in cms:
-        prot_runs = [
-            train_victim(p.images, py, t.images, ty, seed=s, countermeasure=cm, clean_x=c.images if c is not None else None,
-                         desc=f"{cm.label} | protected | seed {s}", **common)  # fmt: skip
-            for s in seeds
-        ]
-        clean_summary = None
-        if c is not None:
-            base = Countermeasure() if isinstance(cm, PartialProtection) else cm
-            if base.label not in clean_runs:
-                clean_runs[base.label] = [
-                    train_victim(c.images, cy, t.images, ty, seed=s, countermeasure=base, desc=f"{base.label} | clean | seed {s}", **common)
-                    for s in seeds
-                ]
-            clean_summary = _summary(clean_runs[base.label])
-        prot_summary = _summary(prot_runs)
-        ratio = None
-        if clean_summary is not None and clean_summary["final_mean"] > 0:
-            ratio = prot_summary["final_mean"] / clean_summary["final_mean"]
-        report.results.append({"countermeasure": cm.label, "protected": prot_summary, "clean": clean_summary, "ratio": ratio})
+    for name, py, ty, cy, n in prepared:
+        common = dict(arch=victim, epochs=epochs, batch_size=batch_size, lr=lr, num_classes=n, device=device, progress=progress)
+        tag = "" if name == "own" else f" | {name}"
+        clean_runs: dict[str, list[VictimResult]] = {}  # partial's baseline is plain clean training: train it once
+        for cm in cms:
+            prot_runs = [
+                train_victim(p.images, py, t.images, ty, seed=s, countermeasure=cm, clean_x=c.images if c is not None else None,
+                             desc=f"{cm.label}{tag} | protected | seed {s}", **common)  # fmt: skip
+                for s in seeds
+            ]
+            clean_summary = None
+            if c is not None:
+                base = Countermeasure() if isinstance(cm, PartialProtection) else cm
+                if base.label not in clean_runs:
+                    clean_runs[base.label] = [
+                        train_victim(c.images, cy, t.images, ty, seed=s, countermeasure=base,
+                                     desc=f"{base.label}{tag} | clean | seed {s}", **common)  # fmt: skip
+                        for s in seeds
+                    ]
+                clean_summary = _summary(clean_runs[base.label])
+            prot_summary = _summary(prot_runs)
+            ratio = None
+            if clean_summary is not None and clean_summary["final_mean"] > 0:
+                ratio = prot_summary["final_mean"] / clean_summary["final_mean"]
+            report.results.append({"countermeasure": cm.label, "labels": name, "num_classes": n, "protected": prot_summary,
+                                   "clean": clean_summary, "ratio": ratio})  # fmt: skip
     return report

@@ -5,5 +5,6 @@ from .em import EMProtect
 from .minmin import MinMinConfig, MinMinProtector
 from .rem import REMProtect
 from .sem import SEMProtect
+from .uc import UCProtect
 
-__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SEMProtect"]
+__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SEMProtect", "UCProtect"]

@@ -162,7 +162,7 @@ class FeatureEncoder(nn.Module):
                  desc: dict, tokenizer: Any = None) -> None:  # fmt: skip
         super().__init__()
         self.backbone = backbone
-        self.kind = kind  # "clip", "transformers" or "cifar-resnet"
+        self.kind = kind  # "clip", "transformers", "transformers-first-token" or "cifar-resnet"
         self.size = tuple(size) if size else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -191,6 +191,8 @@ class FeatureEncoder(nn.Module):
         x = (x - self.mean) / self.std
         if self.kind == "clip":
             return _first_tensor(self.backbone.get_image_features(pixel_values=x))
+        if self.kind == "transformers-first-token":  # no trained pooler in the checkpoint
+            return self.backbone(pixel_values=x).last_hidden_state[:, 0]
         return _first_tensor(self.backbone(pixel_values=x)).flatten(1)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -232,9 +234,18 @@ def _load_cifar_resnet(weights: Path) -> FeatureEncoder:
     return FeatureEncoder(model, "cifar-resnet", [0.0] * 3, [1.0] * 3, None, desc)
 
 
+# Encoders shipped in the package, by name (no download: they work on a fresh machine).
+DEFAULT_ENCODER = "uexamples/cifar-resnet20"
+BUILTIN_ENCODERS = {
+    # CIFAR ResNet-20 trained by tools/train_default_encoder.py on the CIFAR-10 train set (cifar10-jpeg)
+    DEFAULT_ENCODER: Path(__file__).resolve().parents[1] / "data" / "encoders" / "uexamples-cifar-resnet20.safetensors",
+}
+
+
 def load_encoder(spec: Any, trust_remote_code: bool = False, revision: str | None = None) -> FeatureEncoder:
     """A frozen feature encoder from a Hub id, a folder, a CIFAR ResNet weights file, or an ``nn.Module``.
 
+    ``"uexamples/cifar-resnet20"`` (:data:`DEFAULT_ENCODER`) is shipped in the package (no download).
     transformers models: CLIP (``CLIPModel``: image and text features, tokenizer from the same place),
     ViT, ResNet, or any ``AutoModel`` with a pooled output. A module must map [0, 1] RGB to features.
     """
@@ -245,6 +256,10 @@ def load_encoder(spec: Any, trust_remote_code: bool = False, revision: str | Non
         return FeatureEncoder(_ModuleFeatures(spec), "module-features", [0.0] * 3, [1.0] * 3, None, desc)
     if not isinstance(spec, (str, os.PathLike)) or not str(spec):
         raise TypeError(f"encoder must be a Hub id, a folder, a weights file or a torch.nn.Module, got {spec!r}")
+    if str(spec) in BUILTIN_ENCODERS:
+        encoder = _load_cifar_resnet(BUILTIN_ENCODERS[str(spec)])
+        encoder.desc["name"] = str(spec)  # saved by name: a loaded protector finds it in any install
+        return encoder
     weights = _cifar_resnet_weights(Path(spec))
     if weights is not None:
         return _load_cifar_resnet(weights)
@@ -284,9 +299,15 @@ def _load_transformers_encoder(name: str, trust_remote_code: bool, revision: str
     else:
         cls, kind = transformers.AutoModel, "transformers"
     try:
-        backbone = cls.from_pretrained(name, dtype=torch.float32, **kwargs)
+        backbone, info = cls.from_pretrained(name, dtype=torch.float32, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise SurrogateNotAvailable(f"encoder {name!r} could not be loaded as {cls.__name__}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    # A checkpoint saved from a classification head has no pooler: a freshly drawn one would give other
+    # features at every load, so the first token of the last hidden state is used instead.
+    no_pooler = bool(missing) and all(k.startswith("pooler.") for k in missing)
+    if missing and not no_pooler:
+        raise SurrogateNotAvailable(f"encoder {name!r} lacks trained weights for {missing[:4]}: its features would be random")
     mean, std, size = _processor_geometry(name, config, kwargs)
     tokenizer = None
     if kind == "clip":
@@ -294,6 +315,8 @@ def _load_transformers_encoder(name: str, trust_remote_code: bool, revision: str
             tokenizer = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
         except Exception:  # an image-only use of CLIP needs none; encode_texts says so
             tokenizer = None
+    if no_pooler:
+        kind = "transformers-first-token"
     desc = {"kind": "transformers-encoder", "name": name, "class": type(backbone).__name__, "model_type": config.model_type,
             "mean": mean, "std": std, "size": list(size)}  # fmt: skip
     return FeatureEncoder(backbone, kind, mean, std, size, desc, tokenizer)

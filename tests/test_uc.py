@@ -1,0 +1,154 @@
+"""UC (Unlearnable Clusters): label-free fit and map, cluster-wise noise that does what the paper's
+objective says, save/load, transformers encoders, every image mode."""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import uexamples as ue
+from uexamples.core.images import NativeImage, bound_levels
+from uexamples.methods.uc import PerturbationGenerator, kmeans, nearest
+
+from helpers import random_image, tiny_clip, tiny_vit  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.unit
+
+TINY_UC = dict(clusters=4, epochs=2, train_batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(sample_ds):
+    return sample_ds.select(range(200)).remove_columns("label")
+
+
+@pytest.fixture(scope="module")
+def fitted_uc(unlabelled):
+    return ue.UCProtect(seed=0, **TINY_UC).fit(unlabelled, progress=False)
+
+
+def levels(img) -> np.ndarray:
+    return NativeImage.from_pil(img).levels.astype(np.int64)
+
+
+def test_no_label_column_needed_and_noise_is_one_per_cluster(fitted_uc, unlabelled):
+    assert not ue.UCProtect.needs_labels
+    out = unlabelled.map(fitted_uc, batched=True, batch_size=64, load_from_cache_file=False)
+    assert out.features == unlabelled.features
+    clusters = fitted_uc.clusters_of(unlabelled)
+    assert sorted(set(clusters.tolist())) == [0, 1, 2, 3]
+    assert fitted_uc.fit_stats["cluster_sizes"] == np.bincount(clusters, minlength=4).tolist()
+    diffs = np.stack([levels(out[i]["image"]) - levels(unlabelled[i]["image"]) for i in range(len(out))])
+    assert np.abs(diffs).max() <= bound_levels(8 / 255, 255) and np.abs(diffs).max() > 0
+    # cluster-wise: images of one cluster carry the same noise (up to clipping at 0/255 and rounding), other
+    # clusters' noise differs: sample-wise or random noise of the same bound fails this
+    deltas = fitted_uc._runtime["deltas"].numpy() * 255  # (K, 3, H, W) in levels, like levels()
+    for i in range(len(out)):
+        x = levels(unlabelled[i]["image"])
+        inside = (x > 8) & (x < 247)
+        own = np.abs(diffs[i] - deltas[clusters[i]])[inside].max()
+        other = np.abs(diffs[i] - deltas[(clusters[i] + 1) % 4])[inside].mean()
+        assert own <= 0.5 + 1e-3 and other > 1.0
+
+
+def test_perturbation_moves_features_towards_the_next_cluster(fitted_uc, unlabelled):
+    """The paper's objective: KL(softmax(c_{k+1}) || softmax(h(x + delta_k))) is lower with the fitted delta
+    than without it and than with a random perturbation of the same bound."""
+    from uexamples.core.loading import load_split
+
+    x = load_split(unlabelled, "image", 32).images
+    clusters = torch.from_numpy(fitted_uc.clusters_of(unlabelled))
+    centers, deltas = fitted_uc._runtime["centers"], fitted_uc._runtime["deltas"]
+    enc = fitted_uc.encoder()
+    goal = F.softmax(centers[(clusters + 1) % 4], 1)
+    rand = (torch.rand(4, *deltas.shape[1:], generator=torch.Generator().manual_seed(1)) * 2 - 1) * 8 / 255
+
+    def kl(noise):
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(enc((x + noise[clusters]).clamp(0, 1)), 1), goal, reduction="batchmean"))
+
+    assert kl(deltas) < 0.9 * kl(torch.zeros_like(deltas)) and kl(deltas) < 0.9 * kl(rand)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(unlabelled):
+    ds = unlabelled.select(range(60))
+
+    def run(seed):
+        uc = ue.UCProtect(seed=seed, **TINY_UC).fit(ds, progress=False)
+        out = ds.map(uc, batched=True, load_from_cache_file=False).cast_column("image", datasets.Image(decode=False))
+        return [r["bytes"] for r in out["image"]]
+
+    assert run(3) == run(3)
+    assert run(3) != run(4)
+
+
+def test_saved_and_reloaded_assigns_the_same_clusters_and_bytes(fitted_uc, unlabelled, sample_ds, tmp_path):
+    fitted_uc.save_pretrained(tmp_path / "uc")
+    loaded = ue.Protector.from_pretrained(tmp_path / "uc")
+    assert isinstance(loaded, ue.UCProtect) and loaded.fingerprint == fitted_uc.fingerprint
+    later = sample_ds.select(range(300, 400))  # images the fit never saw land in the same clusters
+    assert np.array_equal(loaded.clusters_of(later), fitted_uc.clusters_of(later))
+    a = later.map(fitted_uc, batched=True, load_from_cache_file=False)
+    b = later.map(loaded, batched=True, load_from_cache_file=False)
+    assert all(np.array_equal(np.asarray(p), np.asarray(q)) for p, q in zip(a["image"], b["image"]))
+    saved = (tmp_path / "uc" / "protector_config.json").read_text()
+    assert "uexamples/cifar-resnet20" in saved  # the encoder by name, not by this machine's path
+
+
+@pytest.mark.parametrize("which", ["vit", "clip"])
+def test_transformers_encoders_end_to_end(which, tiny_vit, tiny_clip, unlabelled, tmp_path):  # noqa: F811
+    path = tiny_vit if which == "vit" else tiny_clip
+    ds = unlabelled.select(range(40))
+    uc = ue.UCProtect(seed=0, encoder=path, clusters=3, epochs=1, train_batch_size=16).fit(ds, progress=False)
+    assert uc.working_resolution() == (32 if which == "vit" else 48)  # the encoder's input size
+    out = ds.map(uc, batched=True, load_from_cache_file=False)
+    diff = np.abs(np.asarray(out[0]["image"], dtype=int) - np.asarray(ds[0]["image"], dtype=int))
+    assert 0 < diff.max() <= 8 and out[0]["image"].size == (32, 32)
+    uc.save_pretrained(tmp_path / which)
+    loaded = ue.Protector.from_pretrained(tmp_path / which)
+    assert np.array_equal(loaded.clusters_of(ds), uc.clusters_of(ds))
+
+
+def test_generator_optimiser_and_training_on_all_images(unlabelled):
+    ds = unlabelled.select(range(48))
+    uc = ue.UCProtect(seed=0, clusters=2, optimiser="generator", train_on="all", epochs=1, train_batch_size=48,
+                      generator_width=8).fit(ds, progress=False)  # fmt: skip
+    deltas = uc._runtime["deltas"]
+    assert deltas.shape == (2, 3, 32, 32) and 0 < float(deltas.abs().max()) <= 8 / 255 + 1e-7
+    assert not torch.equal(deltas[0], deltas[1])
+    g = PerturbationGenerator(width=8)
+    assert g(torch.rand(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "CMYK"])
+def test_bound_after_rounding_for_every_mode(mode, fitted_uc):
+    images = [random_image(mode, size, seed=s) for s, size in enumerate([(32, 32), (17, 40), (64, 23)])]
+    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    out = ds.map(fitted_uc, batched=True, load_from_cache_file=False)
+    maxval = 65535 if mode == "I;16" else 255
+    for i in range(len(ds)):
+        assert out[i]["image"].mode == mode and out[i]["image"].size == ds[i]["image"].size
+        diff = np.abs(levels(out[i]["image"]) - levels(ds[i]["image"]))
+        assert 0 < diff.max() <= bound_levels(8 / 255, maxval)
+
+
+def test_kmeans_and_nearest_agree():
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.normal(c, 0.1, size=(30, 2)) for c in ((0, 0), (5, 5), (0, 5))]).astype(np.float32)
+    centers = kmeans(pts, 3, seed=0, restarts=2)
+    assign = nearest(torch.from_numpy(pts), torch.from_numpy(centers)).numpy()
+    assert sorted(np.bincount(assign).tolist()) == [30, 30, 30]
+
+
+def test_bad_options_are_refused(unlabelled):
+    with pytest.raises(ValueError, match="clusters must be >= 2"):
+        ue.UCProtect(clusters=1)
+    with pytest.raises(ValueError, match="optimiser"):
+        ue.UCProtect(optimiser="adam")
+    with pytest.raises(ValueError, match="native"):
+        ue.UCProtect(resolution="native")
+    with pytest.raises(ValueError, match="cannot form 50 clusters"):
+        ue.UCProtect(clusters=50).fit(unlabelled.select(range(20)), progress=False)
+    with pytest.raises(ue.NotFittedError):
+        ue.UCProtect().clusters_of(unlabelled)
