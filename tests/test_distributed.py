@@ -136,3 +136,20 @@ def test_run_killed_during_the_fit_goes_on_from_the_fit_checkpoint(tmp_path):
     a, la = pixels(reference)
     b, lb = pixels(out)
     assert la == lb and np.array_equal(a, b)
+
+
+def test_uc_on_two_processes_shards_encoding_and_clusters(tmp_path):
+    """UC: each process encodes half the images, K-means runs on the main process, clusters' perturbations
+    are trained where ``k % processes == rank``; the dataset equals the one-process run."""
+    uc = ["--method", "uc", "--clusters", "4", "--epochs", "1", "--quiet"]
+    run([sys.executable, SCRIPT, *uc, "--output", str(tmp_path / "one")], script_env(tmp_path))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), SCRIPT, *uc, "--chunk-size", "128", "--output", str(tmp_path / "two")]  # fmt: skip
+    run(cmd, script_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["fit"]["processes"] == 2 and summary["method"] == "uc"
+    a, _ = pixels(tmp_path / "one")
+    b, _ = pixels(tmp_path / "two")
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    assert np.abs(a - pixels_source()).max() > 0

@@ -152,3 +152,22 @@ def test_bad_options_are_refused(unlabelled):
         ue.UCProtect(clusters=50).fit(unlabelled.select(range(20)), progress=False)
     with pytest.raises(ue.NotFittedError):
         ue.UCProtect().clusters_of(unlabelled)
+
+
+@pytest.mark.integration
+def test_cli_protects_an_unlabelled_repo_and_the_card_says_what_was_done(unlabelled, tmp_path):
+    from uexamples.cards import render_card
+    from uexamples.cli import main
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    unlabelled.select(range(80)).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    (repo / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n\n# 80 unlabelled images\n")
+    out = tmp_path / "out"
+    assert main(["protect", "--dataset", str(repo), "--method", "uc", "--clusters", "3", "--epochs", "1",
+                 "--output", str(out), "--quiet"]) == 0  # fmt: skip
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["method"] == "uc" and summary["images"] == 80 and 0 < summary["linf_levels"] <= 8
+    card = render_card(summary, "someone/protected", license="cc-by-4.0")
+    assert "Label-agnostic" in card and "`uexamples/cifar-resnet20`" in card and "zhang2023unlearnable" in card
+    assert str(tmp_path) not in card

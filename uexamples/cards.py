@@ -27,6 +27,16 @@ def method_text(method: str) -> tuple[str, str, str]:
     return klass.title or method.upper(), klass.summary, klass.citation
 
 
+def method_notes(method: str, config: dict[str, Any]) -> list[str]:
+    """Method-specific lines of the card (e.g. UC's label-agnostic claim and encoder), from its class."""
+    from .core.registry import get_method
+
+    try:
+        return list(get_method(method).card_notes(config))
+    except ValueError:
+        return []
+
+
 def source_license(source: str | None) -> str:
     """The license in the source dataset's card (a local folder or a Hub id), else ``"unknown"``."""
     if source is None:
@@ -100,6 +110,7 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         tiff=False,
         evaluation=evaluation,
         bibtex=bibtex,
+        method_notes=method_notes(method, cfg),
     )
     data = DatasetCardData(**{k: v for k, v in meta.items() if k in ("license", "tags", "source_datasets")},
                            uexamples=meta["uexamples"], pretty_name=Path(source).name + " (protected)")  # fmt: skip

@@ -300,6 +300,11 @@ class Protector:
         eps = self.config.epsilon
         return None if eps is None else bound_levels(eps, native.maxval)
 
+    @classmethod
+    def card_notes(cls, config: dict[str, Any]) -> list[str]:
+        """Lines the dataset card adds under "What was done" for this method (``config``: the public config)."""
+        return []
+
     # ------------------------------------------------------------------ to implement
     def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
         """Return the protected colour array (same shape as ``image.color``) of each image of ``batch``."""

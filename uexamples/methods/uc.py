@@ -162,6 +162,22 @@ class UCProtect(AdditiveProtector):
     needs_labels = False
     PRESETS = {"paper": PAPER, "fast": FAST}
 
+    @classmethod
+    def card_notes(cls, config: dict[str, Any]) -> list[str]:
+        from pathlib import Path
+
+        enc = str(config.get("encoder", DEFAULT_ENCODER))
+        if enc != DEFAULT_ENCODER and Path(enc).exists():
+            enc = Path(enc).name  # a local path means nothing on the Hub and may be private
+        return [
+            "Label-agnostic: no label column was read. The noise follows "
+            f"{config.get('clusters')} clusters of the images' features, so it works against a model trained on any "
+            "labelling that these clusters separate (the dataset's own labels, coarser or finer ones); it cannot "
+            "protect against a labelling that cuts across the clusters.",
+            f"Encoder used for the clusters: `{enc}`"
+            + (" (shipped with uexamples: a CIFAR ResNet-20 trained on the CIFAR-10 train set)." if enc == DEFAULT_ENCODER else "."),
+        ]
+
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         module = kwargs.get("encoder")
         if isinstance(module, nn.Module):
@@ -245,10 +261,10 @@ class UCProtect(AdditiveProtector):
         # each process encodes its share of the rows; every process then holds all features
         features = self._gather_rows(dp, self._encode_rows(x, dp, show))
         t_features = time.time() - started
+        if len(features) < cfg.clusters:  # every process holds all features: all of them stop here
+            raise ValueError(f"{len(features)} images cannot form {cfg.clusters} clusters: lower clusters=")
         centers = torch.zeros(cfg.clusters, features.shape[1])
-        if dp.rank == 0:
-            if len(features) < cfg.clusters:
-                raise ValueError(f"{len(features)} images cannot form {cfg.clusters} clusters: lower clusters=")
+        if dp.rank == 0:  # K-means on the main process only, then broadcast
             centers = torch.from_numpy(kmeans(features.numpy(), cfg.clusters, cfg.seed, cfg.kmeans_restarts))
         if dp.distributed:
             centers = centers.to(self.device)

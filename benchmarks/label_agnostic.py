@@ -1,0 +1,153 @@
+"""Label-agnostic protection: victims trained on the true labels and on relabellings no protector saw.
+
+For each method: fit (label-free methods on the train split with its label column *removed*), map,
+then victims from scratch on (a) the dataset's own labels and (b) every ``--relabel`` labelling,
+each against a clean victim of the same recipe trained in the same run. Also: image quality (PSNR,
+SSIM at the stored pixels) and, for UC, the purity of its clusters against each labelling (the
+fraction of images whose cluster's majority label is their own: what cluster-wise noise can exploit).
+
+    python benchmarks/label_agnostic.py --dataset ../shared/datasets/cifar10-10k --methods uc,uc-resnet20,sem,em \\
+        --relabel cifar10-vehicles-animals
+    python benchmarks/label_agnostic.py --dataset ../shared/datasets/retinamnist --methods uc-resnet20,uc \\
+        --relabel retinamnist-any-disease
+
+Method names: any registered method with its ``--preset``, ``uc-resnet20`` / ``uc-resnet56`` (UC with
+the pretrained CIFAR ResNets of ../shared/models as encoder), ``em-classwise``, ``name@N`` (N/255).
+Results: benchmarks/results/label_agnostic_<dataset>.json; ``--table`` prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
+from uexamples.evaluation import RELABELINGS, dataset_quality, dataset_to_tensors, train_victim
+
+SHARED_MODELS = SHARED_DATASETS.parent / "models" / "cifar10-resnet"
+
+
+def protector_for(method: str, preset: str, seed: int):
+    if method.startswith("uc-resnet"):
+        import uexamples as ue
+
+        depth, _, budget = method.removeprefix("uc-resnet").partition("@")
+        extra = {"epsilon": float(budget) / 255} if budget else {}
+        return ue.UCProtect(preset=preset, seed=seed, encoder=str(SHARED_MODELS / f"resnet{depth}.safetensors"), **extra)
+    return make_protector(method, preset, seed)
+
+
+def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of images whose cluster's most common label is their own label."""
+    return float(sum(np.bincount(labels[clusters == k]).max() for k in np.unique(clusters)) / len(labels))
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    name = Path(args.dataset).name
+    train = datasets.load_dataset(args.dataset, split="train")
+    test = datasets.load_dataset(args.dataset, split="test")
+    test_x, test_y = dataset_to_tensors(test)
+    clean_x, clean_y = dataset_to_tensors(train)
+    relabels = [r for r in args.relabel.split(",") if r]
+    labellings = {"own": (clean_y, test_y)}
+    for r in relabels:
+        fn = RELABELINGS[r]
+        labellings[r] = (torch.tensor([fn(int(v)) for v in clean_y]), torch.tensor([fn(int(v)) for v in test_y]))
+    victim = dict(arch=args.victim, epochs=args.epochs, lr=args.lr, seed=args.seed, progress=not args.quiet)
+    report = {
+        "dataset": name, "train_images": len(train), "test_images": len(test), "preset": args.preset,
+        "victim": {k: v for k, v in victim.items() if k != "progress"}, "machine": machine_info(),
+        "labellings": {k: int(max(y.max(), ty.max())) + 1 for k, (y, ty) in labellings.items()},
+        "clean": {}, "methods": {},
+    }  # fmt: skip
+    for lab, (y, ty) in labellings.items():
+        res = train_victim(clean_x, y, test_x, ty, desc=f"clean victim | {lab}", **victim)
+        report["clean"][lab] = res.to_dict()
+        print(f"[{name}] clean | {lab}: final {res.final_accuracy:.4f}", flush=True)
+    out = RESULTS / f"label_agnostic_{name}.json"
+    if args.keep_others and out.exists():
+        report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
+            {k: v["curve"] for k, v in r["clean"].items()}, r["victim"], r["preset"], r["train_images"]))  # fmt: skip
+    for method in args.methods.split(","):
+        protector = protector_for(method, args.preset, args.seed)
+        # a method that needs no labels never gets them: the label column is not there
+        fit_on = train if protector.needs_labels else train.remove_columns([c for c in train.column_names if c != "image"])
+        t0 = time.time()
+        protector.fit(fit_on, progress=not args.quiet)
+        fit_s = time.time() - t0
+        t1 = time.time()
+        protected = train.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
+        map_s = time.time() - t1
+        quality = dataset_quality(train, protected, "image", limit=None)
+        px, _ = dataset_to_tensors(protected)
+        row = {
+            "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1), "quality": quality,
+            "fit_stats": getattr(protector, "fit_stats", None), "victims": {},
+        }  # fmt: skip
+        if hasattr(protector, "clusters_of"):
+            clusters = protector.clusters_of(train)
+            row["cluster_purity"] = {lab: round(purity(clusters, y.numpy()), 4) for lab, (y, _) in labellings.items()}
+        for lab, (y, ty) in labellings.items():
+            res = train_victim(px, y, test_x, ty, desc=f"{method} victim | {lab}", **victim)
+            row["victims"][lab] = res.to_dict()
+            clean = report["clean"][lab]["final_accuracy"]
+            print(f"[{name}] {method} | {lab}: final {res.final_accuracy:.4f} (clean {clean:.4f}, "
+                  f"ratio {res.final_accuracy / clean:.2f})", flush=True)  # fmt: skip
+        report["methods"][method] = row
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def table() -> str:
+    lines = []
+    for path in sorted(RESULTS.glob("label_agnostic_*.json")):
+        rep = json.loads(path.read_text())
+        labs = list(rep["clean"])
+        head = " | ".join(f"{lab} ({rep['labellings'][lab]} cl.): victim / clean" for lab in labs)
+        lines += [
+            f"**{rep['dataset']}** ({rep['train_images']} train, victim {rep['victim']['arch']} "
+            f"{rep['victim']['epochs']} epochs; clean: "
+            + ", ".join(f"{lab} {100 * rep['clean'][lab]['final_accuracy']:.1f} %" for lab in labs) + ")",
+            "",
+            f"| method | {head} | cluster purity | PSNR (dB) | SSIM | fit + map (s) |",
+            "|---|" + "---:|" * (len(labs) + 4),
+        ]
+        for method, m in rep["methods"].items():
+            cells = []
+            for lab in labs:
+                acc, clean = m["victims"][lab]["final_accuracy"], rep["clean"][lab]["final_accuracy"]
+                cells.append(f"{100 * acc:.1f} % ({acc / clean:.2f})")
+            pur = m.get("cluster_purity")
+            pur_s = " / ".join(f"{pur[lab]:.2f}" for lab in labs) if pur else "-"
+            q = m["quality"]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {pur_s} | {q['mean_psnr']:.2f} | {q['mean_ssim']:.4f} | "
+                         f"{m['fit_seconds'] + m['map_seconds']:.0f} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = benchmark_parser(__doc__)
+    p.add_argument("--dataset", default=str(SHARED_DATASETS / "cifar10-10k"))
+    p.add_argument("--methods", default="uc,uc-resnet20,sem,em")
+    p.add_argument("--relabel", default="cifar10-vehicles-animals", help="comma-separated built-in relabellings")
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--victim", default="convnet")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--keep-others", action="store_true", help="keep the other methods' rows (same clean curves required)")
+    dispatch(p, run, table, argv)
+
+
+if __name__ == "__main__":
+    main()
