@@ -9,6 +9,7 @@ from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+SHARED_MODELS = SHARED_DATASETS.parent / "models" / "cifar10-resnet"
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
 
 
@@ -24,15 +25,26 @@ def machine_info(**extra) -> dict:
 def make_protector(spec: str, preset: str, seed: int, device: str | None = None, **overrides):
     """The protector a benchmark's method name stands for.
 
-    ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``), ``em-classwise``,
-    ``cuda-paper`` (CUDA with the paper's filters whatever ``preset`` says), or any of them with ``@N``
-    for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255).
+    ``spec`` is a registered method (``sem``, ``em``, ``rem``, ``cuda``, ``uc``), ``em-classwise``,
+    ``cuda-paper`` (CUDA with the paper's filters whatever ``preset`` says), ``uc-resnet20`` /
+    ``uc-resnet56`` (UC with a pretrained CIFAR ResNet of ../shared/models as encoder), any of them with
+    ``@N`` for a budget of N/255 instead of the preset's (``sem@16``: SEM at 16/255), and with
+    ``+field=value`` config fields (``uc+optimiser=generator``; values are read as JSON when they parse).
     ``overrides`` are further config fields (``kernel_size=5`` for CUDA).
     """
     import uexamples as ue
 
+    spec, *fields = spec.split("+")
+    for item in fields:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     method, _, budget = spec.partition("@")
     kwargs: dict = {"preset": preset, **overrides}
+    if method.startswith("uc-resnet"):
+        method, kwargs["encoder"] = "uc", str(SHARED_MODELS / f"resnet{method.removeprefix('uc-resnet')}.safetensors")
     if budget:
         if method == "cuda":
             raise ValueError("CUDA has no L-inf budget: 'cuda@N' means nothing")

@@ -11,8 +11,9 @@ fraction of images whose cluster's majority label is their own: what cluster-wis
     python benchmarks/label_agnostic.py --dataset ../shared/datasets/retinamnist --methods uc-resnet20,uc \\
         --relabel retinamnist-any-disease
 
-Method names: any registered method with its ``--preset``, ``uc-resnet20`` / ``uc-resnet56`` (UC with
-the pretrained CIFAR ResNets of ../shared/models as encoder), ``em-classwise``, ``name@N`` (N/255).
+Method names: as ``common.make_protector`` reads them: a registered method with its ``--preset``,
+``uc-resnet20`` (UC with the pretrained CIFAR ResNet-20 of ../shared/models as encoder),
+``em-classwise``, ``name@N`` (N/255), ``name+field=value`` (``uc+optimiser=generator``).
 Results: benchmarks/results/label_agnostic_<dataset>.json; ``--table`` prints the Markdown table.
 """
 
@@ -28,19 +29,6 @@ import torch
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
 from uexamples.evaluation import RELABELINGS, dataset_quality, dataset_to_tensors, train_victim
-
-SHARED_MODELS = SHARED_DATASETS.parent / "models" / "cifar10-resnet"
-
-
-def protector_for(method: str, preset: str, seed: int):
-    if method.startswith("uc-resnet"):
-        import uexamples as ue
-
-        depth, _, budget = method.removeprefix("uc-resnet").partition("@")
-        extra = {"epsilon": float(budget) / 255} if budget else {}
-        return ue.UCProtect(preset=preset, seed=seed, encoder=str(SHARED_MODELS / f"resnet{depth}.safetensors"), **extra)
-    return make_protector(method, preset, seed)
-
 
 def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
     """Fraction of images whose cluster's most common label is their own label."""
@@ -75,7 +63,7 @@ def run(args) -> dict:
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
             {k: v["curve"] for k, v in r["clean"].items()}, r["victim"], r["preset"], r["train_images"]))  # fmt: skip
     for method in args.methods.split(","):
-        protector = protector_for(method, args.preset, args.seed)
+        protector = make_protector(method, args.preset, args.seed)
         # a method that needs no labels never gets them: the label column is not there
         fit_on = train if protector.needs_labels else train.remove_columns([c for c in train.column_names if c != "image"])
         t0 = time.time()

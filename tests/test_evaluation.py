@@ -285,12 +285,15 @@ def test_cli_evaluate_after_protect(tmp_path, capsys, monkeypatch):
     assert main(["protect", "--method", "cuda", "--output", str(out), "--quiet"]) == 0
     ev = tmp_path / "eval"
     rc = main(["evaluate", "--protected", str(out), "--victim", "tinycnn", "--epochs", "1",
-               "--countermeasures", "standard,grayscale", "--output", str(ev), "--quiet"])  # fmt: skip
+               "--countermeasures", "standard,grayscale", "--relabel", "cifar10-vehicles-animals",
+               "--output", str(ev), "--quiet"])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| grayscale |" in printed
+    assert "| own (10) | grayscale |" in printed and "| cifar10-vehicles-animals (2) | grayscale |" in printed
     report = json.loads((ev / "report.json").read_text())
     assert report["config"]["train_images"] == 500 and report["config"]["test_images"] == 100
+    assert [r["labels"] for r in report["results"]] == ["own", "own", "cifar10-vehicles-animals", "cifar10-vehicles-animals"]
+    assert main(["evaluate", "--protected", str(out), "--relabel", "nope", "--output", str(ev)]) == 2
     assert main(["evaluate", "--protected", str(out), "--countermeasures", "nope", "--output", str(ev)]) == 2
 
 

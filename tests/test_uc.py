@@ -171,3 +171,17 @@ def test_cli_protects_an_unlabelled_repo_and_the_card_says_what_was_done(unlabel
     card = render_card(summary, "someone/protected", license="cc-by-4.0")
     assert "Label-agnostic" in card and "`uexamples/cifar-resnet20`" in card and "zhang2023unlearnable" in card
     assert str(tmp_path) not in card
+
+
+def test_any_torch_module_as_encoder(unlabelled, tmp_path):
+    ds = unlabelled.select(range(40))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten())  # fmt: skip
+    uc = ue.UCProtect(seed=0, encoder=net, clusters=3, epochs=1, train_batch_size=16).fit(ds, progress=False)
+    assert uc.config.encoder == "module"  # the module itself is never saved
+    uc.save_pretrained(tmp_path / "uc")
+    with pytest.raises(ValueError, match="pass an instance again"):
+        ue.Protector.from_pretrained(tmp_path / "uc").clusters_of(ds)
+    loaded = ue.Protector.from_pretrained(tmp_path / "uc", encoder=net)
+    assert np.array_equal(loaded.clusters_of(ds), uc.clusters_of(ds))

@@ -186,7 +186,7 @@ class FeatureEncoder(nn.Module):
         """(B, D) image features; differentiable with respect to ``x``."""
         if self.size and tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        if self.kind == "cifar-resnet":  # normalises inside, like every built-in net
+        if self.kind in ("cifar-resnet", "module-features"):  # take [0, 1] pixels (built-in nets normalise inside)
             return self.backbone.features(x)
         x = (x - self.mean) / self.std
         if self.kind == "clip":
