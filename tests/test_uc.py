@@ -185,3 +185,19 @@ def test_any_torch_module_as_encoder(unlabelled, tmp_path):
         ue.Protector.from_pretrained(tmp_path / "uc").clusters_of(ds)
     loaded = ue.Protector.from_pretrained(tmp_path / "uc", encoder=net)
     assert np.array_equal(loaded.clusters_of(ds), uc.clusters_of(ds))
+
+
+def test_min_min_optimiser_uses_the_clusters_as_labels(unlabelled):
+    """optimiser="min-min": EM's class-wise engine with the clusters as the label source (no label column read)."""
+    ds = unlabelled.select(range(64))
+    uc = ue.UCProtect(seed=0, clusters=3, optimiser="min-min", min_min_steps=3).fit(ds, progress=False)
+    deltas = uc._runtime["deltas"]
+    assert deltas.shape == (3, 3, 32, 32) and 0 < float(deltas.abs().max()) <= 8 / 255 + 1e-7
+    out = ds.map(uc, batched=True, load_from_cache_file=False)
+    clusters = uc.clusters_of(ds)
+    d0 = np.asarray(out[0]["image"], dtype=int) - np.asarray(ds[0]["image"], dtype=int)
+    same = next(i for i in range(1, 64) if clusters[i] == clusters[0])
+    d1 = np.asarray(out[same]["image"], dtype=int) - np.asarray(ds[same]["image"], dtype=int)
+    x0, x1 = np.asarray(ds[0]["image"], dtype=int), np.asarray(ds[same]["image"], dtype=int)
+    inside = (x0 > 8) & (x0 < 247) & (x1 > 8) & (x1 < 247)
+    assert np.abs(d0 - d1)[inside].max() <= 1  # one noise per cluster

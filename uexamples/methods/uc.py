@@ -54,7 +54,7 @@ from ..core.options import check_int, option
 from ..core.registry import register_method
 from ..surrogates.layer import DEFAULT_ENCODER, FeatureEncoder, load_encoder, rebuild_encoder
 
-OPTIMISERS = ("generator", "direct")
+OPTIMISERS = ("generator", "direct", "min-min")
 TRAIN_ON = ("cluster", "all")
 
 
@@ -67,7 +67,9 @@ class UCConfig(AdditiveConfig):
     trust_remote_code: bool = option(False, "allow a Hub encoder's own modelling code to run")
     clusters: int = option(10, "K-means clusters (K)")
     optimiser: str = option("generator", "how a cluster's perturbation is trained: a ResNet generator from a fixed "
-                            "random input (the paper) or directly", choices=OPTIMISERS)  # fmt: skip
+                            "random input (the paper), directly, or as class-wise error-minimising noise with the "
+                            "clusters as pseudo-labels (min-min)", choices=OPTIMISERS)  # fmt: skip
+    min_min_steps: int = option(150, "surrogate steps of the min-min optimiser (EM's engine, class-wise, fast preset)")
     train_on: str = option("cluster", "images each perturbation trains on: its own cluster, or all images (the "
                            "published code)", choices=TRAIN_ON)  # fmt: skip
     epochs: int = option(50, "passes over the training images of each perturbation")
@@ -188,7 +190,7 @@ class UCProtect(AdditiveProtector):
     def validate_config(self) -> None:
         super().validate_config()
         cfg = self.config
-        for name in ("clusters", "epochs", "train_batch_size", "generator_width", "kmeans_restarts"):
+        for name in ("clusters", "epochs", "train_batch_size", "generator_width", "kmeans_restarts", "min_min_steps"):
             check_int(cfg, name)
         if cfg.clusters < 2:
             raise ValueError(f"clusters must be >= 2 (each cluster is pushed towards another), got {cfg.clusters}")
@@ -276,6 +278,14 @@ class UCProtect(AdditiveProtector):
         if int(sizes.min()) == 0:
             raise ValueError(f"K-means left a cluster empty ({sizes.tolist()}): lower clusters=")
         self._runtime.update(centers=centers, resolution=res)
+        if cfg.optimiser == "min-min":
+            deltas = self._min_min_perturbations(dataset, columns, assign, res, progress)
+            self._runtime["deltas"] = deltas
+            self.fit_stats = {
+                "images": len(x), "cluster_sizes": sizes.tolist(), "seconds": round(time.time() - started, 2),
+                "feature_seconds": round(t_features, 2), "kmeans_seconds": round(t_kmeans, 2), "processes": dp.world,
+            }  # fmt: skip
+            return
         # the perturbations: cluster k is trained by process k % world, then summed over processes
         deltas = torch.zeros(cfg.clusters, 3, res, res)
         losses = torch.zeros(cfg.clusters)
@@ -295,6 +305,21 @@ class UCProtect(AdditiveProtector):
             "seconds": round(time.time() - started, 2), "feature_seconds": round(t_features, 2),
             "kmeans_seconds": round(t_kmeans, 2), "processes": dp.world,
         }  # fmt: skip
+
+    def _min_min_perturbations(self, dataset: datasets.Dataset, columns: Columns, assign: torch.Tensor, res: int,
+                               progress: bool) -> torch.Tensor:  # fmt: skip
+        """Class-wise error-minimising noise (EM's engine) with the clusters as the label source."""
+        from .em import EMProtect
+
+        cfg = self.config
+        world = int(self._accelerator.num_processes) if self._accelerator is not None else 1
+        pseudo = dataset.select_columns([columns.image]).add_column("uc_cluster", assign.tolist())
+        pseudo = pseudo.cast_column("uc_cluster", datasets.ClassLabel(num_classes=cfg.clusters))
+        em = EMProtect(preset="fast", noise_type="class-wise", epsilon=cfg.epsilon, seed=cfg.seed, resolution=res,
+                       label_column="uc_cluster", device=cfg.device, train_steps=cfg.min_min_steps,
+                       fit_shards=max(2, world))  # fmt: skip  (2 shards: the same noise on 1 or 2 processes)
+        em.fit(pseudo, progress=progress, accelerator=self._accelerator)
+        return em._runtime["class_noise"].detach().float().cpu()
 
     def _encode_rows(self, x: torch.Tensor, dp: DataParallel, show: bool) -> torch.Tensor:
         per = math.ceil(len(x) / dp.world)
