@@ -10,7 +10,7 @@ image quality of the protected set; it writes JSON, a plot PNG and a Markdown ta
 >>> protected = train.map(ue.CUDAProtect(key=7, allow_weak_key=True).fit(train), batched=True)
 >>> report = ue.evaluate(protected, test, clean=train, victim="tinycnn", epochs=1, progress=False)
 >>> sorted(report.results[0])
-['clean', 'countermeasure', 'protected', 'ratio']
+['clean', 'countermeasure', 'labels', 'num_classes', 'protected', 'ratio']
 >>> report.quality["linf_levels"] > 0
 True
 """
