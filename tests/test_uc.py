@@ -15,7 +15,7 @@ from helpers import random_image, tiny_clip, tiny_vit  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.unit
 
-TINY_UC = dict(clusters=4, epochs=2, train_batch_size=64)
+TINY_UC = dict(clusters=4, epochs=3, train_batch_size=32)
 
 
 @pytest.fixture(scope="module")
