@@ -255,7 +255,8 @@ class UCProtect(AdditiveProtector):
     # ------------------------------------------------------------------ fit
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
         cfg = self.config
-        dp = DataParallel(self._accelerator)
+        world = int(self._accelerator.num_processes) if self._accelerator is not None else 1
+        dp = DataParallel(self._accelerator, shards=world)  # rows split by process; no batch-norm shards here
         show = progress and dp.rank == 0
         started = time.time()
         enc = self.encoder()
