@@ -282,14 +282,21 @@ class UCProtect(AdditiveProtector):
             raise ValueError(f"K-means left a cluster empty ({sizes.tolist()}): lower clusters=")
         self._runtime.update(centers=centers, resolution=res)
         if cfg.optimiser == "min-min":
-            deltas = self._min_min_perturbations(dataset, columns, assign, res, progress)
-            self._runtime["deltas"] = deltas
-            self.fit_stats = {
-                "images": len(x), "cluster_sizes": sizes.tolist(), "seconds": round(time.time() - started, 2),
-                "feature_seconds": round(t_features, 2), "kmeans_seconds": round(t_kmeans, 2), "processes": dp.world,
-            }  # fmt: skip
-            return
-        # the perturbations: cluster k is trained by process k % world, then summed over processes
+            deltas, losses = self._min_min_perturbations(dataset, columns, assign, res, progress), None
+        else:
+            deltas, losses = self._cluster_perturbations(enc, x, grey, assign, centers, dp, show)
+        self._runtime["deltas"] = deltas
+        self.fit_stats = {
+            "images": len(x), "cluster_sizes": sizes.tolist(), "seconds": round(time.time() - started, 2),
+            "feature_seconds": round(t_features, 2), "kmeans_seconds": round(t_kmeans, 2), "processes": dp.world,
+        }  # fmt: skip
+        if losses is not None:
+            self.fit_stats["final_kl"] = [round(float(v), 5) for v in losses]
+
+    def _cluster_perturbations(self, enc: FeatureEncoder, x: torch.Tensor, grey: torch.Tensor, assign: torch.Tensor,
+                               centers: torch.Tensor, dp: DataParallel, show: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The paper's per-cluster perturbations; cluster k is trained by process k % world, then summed over processes."""
+        cfg, res = self.config, x.shape[-1]
         deltas = torch.zeros(cfg.clusters, 3, res, res)
         losses = torch.zeros(cfg.clusters)
         mine = [k for k in range(cfg.clusters) if k % dp.world == dp.rank]
@@ -301,13 +308,7 @@ class UCProtect(AdditiveProtector):
             bar.update(1)
             bar.set_postfix(kl=f"{float(losses[k]):.4f}")
         bar.close()
-        deltas, losses = dp.sum(deltas.to(self.device)).cpu(), dp.sum(losses.to(self.device)).cpu()
-        self._runtime["deltas"] = deltas
-        self.fit_stats = {
-            "images": len(x), "cluster_sizes": sizes.tolist(), "final_kl": [round(float(v), 5) for v in losses],
-            "seconds": round(time.time() - started, 2), "feature_seconds": round(t_features, 2),
-            "kmeans_seconds": round(t_kmeans, 2), "processes": dp.world,
-        }  # fmt: skip
+        return dp.sum(deltas.to(self.device)).cpu(), dp.sum(losses.to(self.device)).cpu()
 
     def _min_min_perturbations(self, dataset: datasets.Dataset, columns: Columns, assign: torch.Tensor, res: int,
                                progress: bool) -> torch.Tensor:  # fmt: skip
