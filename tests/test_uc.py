@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import uexamples as ue
 from uexamples.core.images import NativeImage, bound_levels
+from uexamples.core.loading import load_split
 from uexamples.methods.uc import PerturbationGenerator, kmeans, nearest
 
 from helpers import random_image, tiny_clip, tiny_vit  # noqa: F401  (fixtures)
@@ -55,7 +56,6 @@ def test_no_label_column_needed_and_noise_is_one_per_cluster(fitted_uc, unlabell
 def test_perturbation_moves_features_towards_the_next_cluster(fitted_uc, unlabelled):
     """The paper's objective: KL(softmax(c_{k+1}) || softmax(h(x + delta_k))) is lower with the fitted delta
     than without it and than with a random perturbation of the same bound."""
-    from uexamples.core.loading import load_split
 
     x = load_split(unlabelled, "image", 32).images
     clusters = torch.from_numpy(fitted_uc.clusters_of(unlabelled))
@@ -201,3 +201,14 @@ def test_min_min_optimiser_uses_the_clusters_as_labels(unlabelled):
     x0, x1 = np.asarray(ds[0]["image"], dtype=int), np.asarray(ds[same]["image"], dtype=int)
     inside = (x0 > 8) & (x0 < 247) & (x1 > 8) & (x1 < 247)
     assert np.abs(d0 - d1)[inside].max() <= 1  # one noise per cluster
+
+
+def test_spherical_clustering_option(unlabelled):
+    """normalize_features=True clusters directions: centres are means of unit vectors (norm <= 1) while raw
+    ResNet features are far longer; saved and reloaded, the assignment is the same."""
+    ds = unlabelled.select(range(80))
+    raw = ue.UCProtect(seed=0, clusters=3, epochs=1).fit(ds, progress=False)
+    sph = ue.UCProtect(seed=0, clusters=3, epochs=1, normalize_features=True).fit(ds, progress=False)
+    assert float(sph._runtime["centers"].norm(dim=1).max()) <= 1 + 1e-5 < float(raw._runtime["centers"].norm(dim=1).min())
+    feats = F.normalize(sph.encode(load_split(ds, "image", 32).images), dim=1)
+    assert np.array_equal(sph.clusters_of(ds), nearest(feats, sph._runtime["centers"]).numpy())

@@ -78,10 +78,13 @@ class UCConfig(AdditiveConfig):
     weight_decay: float = option(5e-4, "Adam weight decay")
     generator_width: int = option(64, "base channels of the perturbation generator")
     kmeans_restarts: int = option(3, "K-means restarts (scikit-learn n_init); the best inertia is kept")
+    normalize_features: bool = option(False, "cluster L2-normalised features (spherical K-means: clusters by direction, "
+                                      "as CLIP-style features are compared); the objective keeps the raw features")  # fmt: skip
 
 
 PAPER = dict(encoder="openai/clip-vit-base-patch32", clusters=10, epsilon=16 / 255, optimiser="generator",
-             train_on="all", epochs=50, train_batch_size=256, lr=1e-4, weight_decay=5e-4)  # fmt: skip
+             train_on="all", epochs=50, train_batch_size=256, lr=1e-4, weight_decay=5e-4,
+             normalize_features=False)  # fmt: skip
 # CPU-sized: the shipped encoder, the paper's objective optimised directly on each cluster's own images,
 # about 30 Adam steps per cluster for 800-image clusters (explored on cifar10-10k, benchmarks/README.md).
 FAST = dict(encoder=DEFAULT_ENCODER, clusters=10, epsilon=8 / 255, optimiser="direct", train_on="cluster",
@@ -269,13 +272,14 @@ class UCProtect(AdditiveProtector):
         if len(features) < cfg.clusters:  # every process holds all features: all of them stop here
             raise ValueError(f"{len(features)} images cannot form {cfg.clusters} clusters: lower clusters=")
         centers = torch.zeros(cfg.clusters, features.shape[1])
+        space = self._cluster_space(features)
         if dp.rank == 0:  # K-means on the main process only, then broadcast
-            centers = torch.from_numpy(kmeans(features.numpy(), cfg.clusters, cfg.seed, cfg.kmeans_restarts))
+            centers = torch.from_numpy(kmeans(space.numpy(), cfg.clusters, cfg.seed, cfg.kmeans_restarts))
         if dp.distributed:
             centers = centers.to(self.device)
             torch.distributed.broadcast(centers, src=0)
             centers = centers.cpu()
-        assign = nearest(features, centers)
+        assign = nearest(space, centers)
         t_kmeans = time.time() - started - t_features
         sizes = torch.bincount(assign, minlength=cfg.clusters)
         if int(sizes.min()) == 0:
@@ -284,7 +288,10 @@ class UCProtect(AdditiveProtector):
         if cfg.optimiser == "min-min":
             deltas, losses = self._min_min_perturbations(dataset, columns, assign, res, progress), None
         else:
-            deltas, losses = self._cluster_perturbations(enc, x, grey, assign, centers, dp, show)
+            # the objective's targets: each cluster's mean in the encoder's own feature space (the K-means
+            # centres themselves unless the clustering ran on normalised features)
+            means = torch.stack([features[assign == k].mean(0) for k in range(cfg.clusters)])
+            deltas, losses = self._cluster_perturbations(enc, x, grey, assign, means, dp, show)
         self._runtime["deltas"] = deltas
         self.fit_stats = {
             "images": len(x), "cluster_sizes": sizes.tolist(), "seconds": round(time.time() - started, 2),
@@ -294,8 +301,9 @@ class UCProtect(AdditiveProtector):
             self.fit_stats["final_kl"] = [round(float(v), 5) for v in losses]
 
     def _cluster_perturbations(self, enc: FeatureEncoder, x: torch.Tensor, grey: torch.Tensor, assign: torch.Tensor,
-                               centers: torch.Tensor, dp: DataParallel, show: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """The paper's per-cluster perturbations; cluster k is trained by process k % world, then summed over processes."""
+                               targets: torch.Tensor, dp: DataParallel, show: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The paper's per-cluster perturbations (cluster k's features pulled towards ``targets[(k + 1) % K]``);
+        cluster k is trained by process k % world, then summed over processes."""
         cfg, res = self.config, x.shape[-1]
         deltas = torch.zeros(cfg.clusters, 3, res, res)
         losses = torch.zeros(cfg.clusters)
@@ -304,7 +312,7 @@ class UCProtect(AdditiveProtector):
         for k in mine:
             pool = torch.arange(len(x)) if cfg.train_on == "all" else (assign == k).nonzero().flatten()
             all_grey = bool(grey[pool].all())
-            deltas[k], losses[k] = self._train_perturbation(enc, x, pool, centers[(k + 1) % cfg.clusters], k, all_grey)
+            deltas[k], losses[k] = self._train_perturbation(enc, x, pool, targets[(k + 1) % cfg.clusters], k, all_grey)
             bar.update(1)
             bar.set_postfix(kl=f"{float(losses[k]):.4f}")
         bar.close()
@@ -392,9 +400,12 @@ class UCProtect(AdditiveProtector):
             return current()[0].detach().cpu(), float(loss_ema)
 
     # ------------------------------------------------------------------ map
+    def _cluster_space(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=1) if self.config.normalize_features else features
+
     def clusters_of_images(self, x: torch.Tensor) -> torch.Tensor:
         """Cluster index of each working image (B, 3, R, R)."""
-        return nearest(self.encode(x), self._runtime["centers"])
+        return nearest(self._cluster_space(self.encode(x)), self._runtime["centers"])
 
     def clusters_of(self, dataset: datasets.Dataset, image_column: str | None = None, progress: bool = False) -> np.ndarray:
         """The cluster each image of ``dataset`` falls in (what :meth:`__call__` uses to pick its perturbation)."""
