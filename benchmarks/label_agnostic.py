@@ -54,11 +54,13 @@ def run(args) -> dict:
         "labellings": {k: int(max(y.max(), ty.max())) + 1 for k, (y, ty) in labellings.items()},
         "clean": {}, "methods": {},
     }  # fmt: skip
-    out = RESULTS / f"label_agnostic_{name}.json"
+    out = RESULTS / f"label_agnostic_{name}{args.suffix}.json"
     recipe = lambda r: (r["victim"], r["preset"], r["train_images"], r["test_images"], r["labellings"])  # noqa: E731
     old = json.loads(out.read_text()) if out.exists() else None
-    if args.reuse_clean and old is not None and recipe(old) == recipe(report) and old["machine"] == report["machine"]:
-        report["clean"] = old["clean"]  # the clean victims are deterministic: measured once for this recipe
+    same = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"label_agnostic_{name}*.json"))]
+    same = [r for r in same if recipe(r) == recipe(report) and r["machine"] == report["machine"]]
+    if args.reuse_clean and same:
+        report["clean"] = same[0]["clean"]  # the clean victims are deterministic: measured once for this recipe
     else:
         for lab, (y, ty) in labellings.items():
             res = train_victim(clean_x, y, test_x, ty, desc=f"clean victim | {lab}", **victim)
@@ -106,7 +108,7 @@ def table() -> str:
         labs = list(rep["clean"])
         head = " | ".join(f"{lab} ({rep['labellings'][lab]} cl.): victim / clean" for lab in labs)
         lines += [
-            f"**{rep['dataset']}** ({rep['train_images']} train, victim {rep['victim']['arch']} "
+            f"**{rep['dataset']}**{path.stem.removeprefix('label_agnostic_' + rep['dataset'])} ({rep['train_images']} train, victim {rep['victim']['arch']} "
             f"{rep['victim']['epochs']} epochs; clean: "
             + ", ".join(f"{lab} {100 * rep['clean'][lab]['final_accuracy']:.1f} %" for lab in labs) + ")",
             "",
@@ -140,6 +142,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--keep-others", action="store_true", help="keep the other methods' rows (same clean curves required)")
+    p.add_argument("--suffix", default="", help="results file label_agnostic_<dataset><suffix>.json (runs side by side)")
     p.add_argument("--reuse-clean", action="store_true",
                    help="take the clean victims from the results file when its recipe and machine are this run's")  # fmt: skip
     dispatch(p, run, table, argv)
