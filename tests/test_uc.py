@@ -16,7 +16,7 @@ from helpers import random_image, tiny_clip, tiny_vit  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.unit
 
-TINY_UC = dict(clusters=4, epochs=3, train_batch_size=32)
+TINY_UC = dict(clusters=4, epochs=3, train_batch_size=32, optimiser="direct")  # the paper's objective, quickly
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_saved_and_reloaded_assigns_the_same_clusters_and_bytes(fitted_uc, unlab
 def test_transformers_encoders_end_to_end(which, tiny_vit, tiny_clip, unlabelled, tmp_path):  # noqa: F811
     path = tiny_vit if which == "vit" else tiny_clip
     ds = unlabelled.select(range(40))
-    uc = ue.UCProtect(seed=0, encoder=path, clusters=3, epochs=1, train_batch_size=16).fit(ds, progress=False)
+    uc = ue.UCProtect(seed=0, encoder=path, clusters=3, min_min_steps=3).fit(ds, progress=False)
     assert uc.working_resolution() == (32 if which == "vit" else 48)  # the encoder's input size
     out = ds.map(uc, batched=True, load_from_cache_file=False)
     diff = np.abs(np.asarray(out[0]["image"], dtype=int) - np.asarray(ds[0]["image"], dtype=int))
@@ -164,7 +164,7 @@ def test_cli_protects_an_unlabelled_repo_and_the_card_says_what_was_done(unlabel
     unlabelled.select(range(80)).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
     (repo / "README.md").write_text("---\nlicense: cc-by-4.0\n---\n\n# 80 unlabelled images\n")
     out = tmp_path / "out"
-    assert main(["protect", "--dataset", str(repo), "--method", "uc", "--clusters", "3", "--epochs", "1",
+    assert main(["protect", "--dataset", str(repo), "--method", "uc", "--clusters", "3", "--min-min-steps", "3",
                  "--output", str(out), "--quiet"]) == 0  # fmt: skip
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["method"] == "uc" and summary["images"] == 80 and 0 < summary["linf_levels"] <= 8
@@ -178,7 +178,7 @@ def test_any_torch_module_as_encoder(unlabelled, tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten())  # fmt: skip
-    uc = ue.UCProtect(seed=0, encoder=net, clusters=3, epochs=1, train_batch_size=16).fit(ds, progress=False)
+    uc = ue.UCProtect(seed=0, encoder=net, clusters=3, min_min_steps=3).fit(ds, progress=False)
     assert uc.config.encoder == "module"  # the module itself is never saved
     uc.save_pretrained(tmp_path / "uc")
     with pytest.raises(ValueError, match="pass an instance again"):
@@ -207,8 +207,8 @@ def test_spherical_clustering_option(unlabelled):
     """normalize_features=True clusters directions: centres are means of unit vectors (norm <= 1) while raw
     ResNet features are far longer; saved and reloaded, the assignment is the same."""
     ds = unlabelled.select(range(80))
-    raw = ue.UCProtect(seed=0, clusters=3, epochs=1).fit(ds, progress=False)
-    sph = ue.UCProtect(seed=0, clusters=3, epochs=1, normalize_features=True).fit(ds, progress=False)
+    raw = ue.UCProtect(seed=0, clusters=3, min_min_steps=3, normalize_features=False).fit(ds, progress=False)
+    sph = ue.UCProtect(seed=0, clusters=3, min_min_steps=3, normalize_features=True).fit(ds, progress=False)
     assert float(sph._runtime["centers"].norm(dim=1).max()) <= 1 + 1e-5 < float(raw._runtime["centers"].norm(dim=1).min())
     feats = F.normalize(sph.encode(load_split(ds, "image", 32).images), dim=1)
     assert np.array_equal(sph.clusters_of(ds), nearest(feats, sph._runtime["centers"]).numpy())
