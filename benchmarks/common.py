@@ -60,6 +60,13 @@ def make_protector(spec: str, preset: str, seed: int, device: str | None = None,
     return ue.get_method(method)(seed=seed, **kwargs)
 
 
+def fit_input(protector, train):
+    """What ``protector.fit`` gets: a label-free method never sees the labels (only the image column is kept)."""
+    if protector.needs_labels:
+        return train
+    return train.remove_columns([c for c in train.column_names if c != "image"])
+
+
 def keep_other_methods(path: Path, report: dict, rerun: list[str], signature: Callable[[dict], object]) -> dict:
     """The ``methods`` rows of the results file at ``path`` for every method not in ``rerun``.
 

@@ -27,7 +27,8 @@ import datasets
 import numpy as np
 import torch
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
+from common import (RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_input, keep_other_methods, machine_info,
+                    make_protector)
 from uexamples.evaluation import RELABELINGS, dataset_quality, dataset_to_tensors, train_victim
 
 def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
@@ -72,8 +73,7 @@ def run(args) -> dict:
             {k: v["curve"] for k, v in r["clean"].items()}, recipe(r)))  # fmt: skip
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, args.seed)
-        # a method that needs no labels never gets them: the label column is not there
-        fit_on = train if protector.needs_labels else train.remove_columns([c for c in train.column_names if c != "image"])
+        fit_on = fit_input(protector, train)
         t0 = time.time()
         protector.fit(fit_on, progress=not args.quiet)
         fit_s = time.time() - t0

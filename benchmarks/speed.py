@@ -18,7 +18,8 @@ import datasets
 import torch
 import torch.nn.functional as F
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
+from common import (RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_input, keep_other_methods, machine_info,
+                    make_protector)
 from uexamples.methods.minmin import to_fast_layout
 from uexamples.surrogates import build_surrogate
 
@@ -63,10 +64,7 @@ def run(args) -> dict:
                                                lambda r: (r["dataset"], r["images"], r["machine"]))  # fmt: skip
     for method in args.methods.split(","):
         prot = make_protector(method, "fast", 0)
-        if not prot.needs_labels:  # a label-free method never gets the labels
-            train_m = train.remove_columns([c for c in train.column_names if c != "image"])
-        else:
-            train_m = train
+        train_m = fit_input(prot, train)
         engine = hasattr(prot.config, "surrogate")  # the min-min engine's overhead is measured against its surrogate
         if engine:  # pass time of the same (untrained) architecture, just before the run
             fresh, _ = build_surrogate(prot.config.surrogate, 10)
