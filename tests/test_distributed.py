@@ -153,3 +153,21 @@ def test_uc_on_two_processes_shards_encoding_and_clusters(tmp_path):
     diff = np.abs(a - b)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     assert np.abs(a - pixels_source()).max() > 0
+
+
+def test_salm_on_two_processes_gives_the_one_process_dataset(tmp_path):
+    """SALM through the engine's data-parallel fit (fixed fit shards) and the sharded map: the same masks
+    and noise as on one process, so the same dataset; nothing changed outside a 10 % mask."""
+    salm = ["--method", "salm", "--train-steps", "4", "--mask-ratio", "0.1", "--quiet"]
+    run([sys.executable, SCRIPT, *salm, "--output", str(tmp_path / "one")], script_env(tmp_path))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), SCRIPT, *salm, "--chunk-size", "128", "--output", str(tmp_path / "two")]  # fmt: skip
+    run(cmd, script_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["method"] == "salm"
+    a, _ = pixels(tmp_path / "one")
+    b, _ = pixels(tmp_path / "two")
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    changed = (a != pixels_source()).any(-1)  # (N, H, W): pixels with any channel changed
+    assert 0 < changed.mean() <= 0.1 and changed.sum((1, 2)).max() <= round(0.1 * 32 * 32)

@@ -14,8 +14,10 @@ from uexamples.cli import main
 from uexamples.evaluation import (
     CountermeasureError,
     EvaluationError,
+    balanced_accuracy,
     dataset_quality,
     image_quality,
+    macro_auc,
     parse_countermeasure,
     parse_countermeasures,
     psnr,
@@ -178,6 +180,21 @@ def test_dataset_quality_on_known_images():
     assert q["mean_psnr"] == pytest.approx(10 * np.log10(1 / ((8 / 255) ** 2 / 192)))  # the unchanged image is inf
 
 
+@pytest.mark.unit
+def test_balanced_accuracy_and_macro_auc_agree_with_scikit_learn():
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(4, size=300, p=[0.6, 0.2, 0.15, 0.05])  # imbalanced, like a medical set
+    probs = rng.dirichlet(np.ones(4), size=300)
+    probs[np.arange(300), y] += rng.random(300)  # scores that know something about the label
+    probs /= probs.sum(1, keepdims=True)
+    assert balanced_accuracy(y, probs.argmax(1)) == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)))
+    assert macro_auc(y, probs) == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert balanced_accuracy(y, np.zeros_like(y)) == pytest.approx(0.25)  # the majority guess: 60 % accuracy
+    assert macro_auc(y[:2] * 0, probs[:2]) != macro_auc(y[:2] * 0, probs[:2])  # one class: NaN, not a number
+
+
 # ---------------------------------------------------------------- victims
 @pytest.mark.slow
 @pytest.mark.integration
@@ -227,6 +244,11 @@ def test_evaluate_report_plot_and_table(protected_sample, sample_ds, tmp_path):
     assert PIL.Image.open(out / "curves.png").size[0] > 400
     table = (out / "table.md").read_text()
     assert "| standard |" in table and "| partial:0.5 |" in table and "±" in table
+    # balanced accuracy and AUC of every victim, summarised and in the table
+    run = std["protected"]["runs"][0]
+    assert 0 <= run["final_balanced_accuracy"] <= 1 and 0 <= run["final_auc"] <= 1
+    assert std["clean"]["auc_mean"] == pytest.approx(np.mean([r["final_auc"] for r in std["clean"]["runs"]]))
+    assert "| balanced accuracy: protected / clean | AUC: protected / clean |" in table
 
 
 @pytest.mark.integration

@@ -17,7 +17,7 @@ from .core import (  # noqa: E402
 )
 from .data import load_sample_dataset  # noqa: E402
 from .evaluation import EvaluationReport, evaluate  # noqa: E402
-from .methods import CUDAProtect, EMProtect, REMProtect, SEMProtect, UCProtect  # noqa: E402
+from .methods import CUDAProtect, EMProtect, REMProtect, SALMProtect, SEMProtect, UCProtect  # noqa: E402
 
 
 def protector(method: str, **kwargs) -> Protector:
@@ -42,4 +42,5 @@ __all__ = [
     "EMProtect",
     "REMProtect",
     "SEMProtect",
+    "SALMProtect",
 ]

@@ -47,6 +47,9 @@ def load_split(
         rows = raw[rows_idx.tolist()]
         natives = [NativeImage.from_pil(load_pil(c, row=int(r)), row=int(r)) for c, r in zip(rows[image_column], rows_idx)]
         x, grey = to_working(natives, resolution)
+        if xs and x.shape[2:] != xs[0].shape[2:]:  # native resolution: every chunk must share one size
+            raise ValueError(f"native resolution needs images of one size, got {tuple(xs[0].shape[2:])} and "
+                             f"{tuple(x.shape[2:])} (near row {int(rows_idx[0])}); set resolution=N")  # fmt: skip
         xs.append(x)
         greys.append(grey)
         if label_column is not None:

@@ -2,7 +2,7 @@
 
 from .countermeasures import COUNTERMEASURES, Countermeasure, CountermeasureError, parse_countermeasure, parse_countermeasures
 from .evaluate import RELABELINGS, EvaluationError, EvaluationReport, NamedRelabel, evaluate
-from .metrics import dataset_quality, image_quality, psnr, ssim
+from .metrics import balanced_accuracy, dataset_quality, image_quality, macro_auc, psnr, ssim
 from .victim import VictimResult, build_victim, dataset_to_tensors, train_victim
 
 __all__ = [
@@ -16,7 +16,9 @@ __all__ = [
     "NamedRelabel",
     "RELABELINGS",
     "evaluate",
+    "balanced_accuracy",
     "dataset_quality",
+    "macro_auc",
     "image_quality",
     "psnr",
     "ssim",

@@ -93,9 +93,15 @@ def _summary(runs: list[VictimResult]) -> dict[str, Any]:
     finals = [r.final_accuracy for r in runs]
     bests = [r.best_accuracy for r in runs]
     curves = np.array([r.curve for r in runs])
+    balanced = [r.final_balanced_accuracy for r in runs]
+    aucs = [r.final_auc for r in runs]
     return {
         "final_mean": float(np.mean(finals)),
         "final_std": float(np.std(finals)),
+        "balanced_mean": float(np.mean(balanced)),
+        "balanced_std": float(np.std(balanced)),
+        "auc_mean": float(np.mean(aucs)),
+        "auc_std": float(np.std(aucs)),
         "best_mean": float(np.mean(bests)),
         "best_std": float(np.std(bests)),
         "curve_mean": curves.mean(0).tolist(),
@@ -132,12 +138,22 @@ class EvaluationReport:
             v = f"{100 * s[key + '_mean']:.1f}"
             return v + (f"{pm}{100 * s[key + '_std']:.1f}" if pm else "") + " %"
 
+        def pair(r: dict, key: str, percent: bool) -> str:
+            """protected / clean of a final-model metric (balanced accuracy in %, AUC in [0, 1])."""
+            vals = []
+            for side in ("protected", "clean"):
+                v = (r[side] or {}).get(key + "_mean")
+                vals.append("-" if v is None or not np.isfinite(v) else f"{100 * v:.1f} %" if percent else f"{v:.3f}")
+            return " / ".join(vals)
+
         lines = [
             f"Victim `{self.config['victim']}` trained from scratch for {self.config['epochs']} epochs "
-            f"({seeds} seed{'s' if seeds > 1 else ''}); accuracy on the clean test set.",
+            f"({seeds} seed{'s' if seeds > 1 else ''}); accuracy on the clean test set; balanced accuracy "
+            "(mean recall over classes; chance = 1 / classes) and macro one-vs-rest AUC (chance = 0.5) of the final model.",
             "",
-            "| countermeasure | trained on protected: final | best | trained on clean: final | best | protected / clean |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| countermeasure | trained on protected: final | best | trained on clean: final | best | protected / clean "
+            "| balanced accuracy: protected / clean | AUC: protected / clean |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         relabelled = any(r.get("labels", "own") != "own" for r in self.results)
         if relabelled:  # the label-agnostic check: which labels the victims were trained on, first
@@ -147,7 +163,8 @@ class EvaluationReport:
             labels = f"| {r.get('labels', 'own')} ({r.get('num_classes', '?')}) " if relabelled else ""
             lines.append(
                 f"{labels}| {r['countermeasure']} | {fmt(r['protected'], 'final')} | {fmt(r['protected'], 'best')} | "
-                f"{fmt(r['clean'], 'final')} | {fmt(r['clean'], 'best')} | {ratio} |"
+                f"{fmt(r['clean'], 'final')} | {fmt(r['clean'], 'best')} | {ratio} | "
+                f"{pair(r, 'balanced', percent=True)} | {pair(r, 'auc', percent=False)} |"
             )
         if self.quality:
             q = self.quality

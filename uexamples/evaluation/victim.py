@@ -24,6 +24,7 @@ from ..core.columns import detect_columns
 from ..core.loading import load_split
 from ..surrogates import BUILTIN, transformers_from_config
 from .countermeasures import Countermeasure
+from .metrics import balanced_accuracy, macro_auc
 
 VictimSpec = Any  # str | transformers.PretrainedConfig | dict | Callable[[int], nn.Module]
 
@@ -69,6 +70,10 @@ class VictimResult:
     best_epoch: int
     curve: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    # of the final model: what means something on imbalanced (medical) test sets, where plain accuracy
+    # stays near the majority rate whatever the victim learnt
+    final_balanced_accuracy: float | None = None
+    final_auc: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -82,6 +87,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         logits = model(x[i : i + batch_size].to(device))
         correct += int((logits.argmax(1).cpu() == y[i : i + batch_size]).sum())
     return correct / max(1, len(x))
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, x: torch.Tensor, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:
+    """Softmax outputs (N, C) of ``model`` on ``x``, in eval mode."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size].to(device)).float().softmax(1).cpu() for i in range(0, len(x), batch_size)])
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -162,4 +174,7 @@ def train_victim(
         if on_epoch is not None:
             on_epoch(epoch + 1, curve[-1])
     best = int(np.argmax(curve))
-    return VictimResult(curve[-1], curve[best], best + 1, curve, time.time() - start)
+    probs = class_probabilities(model, test_x, device=dev).numpy()
+    y = test_y.numpy()
+    return VictimResult(curve[-1], curve[best], best + 1, curve, time.time() - start,
+                        balanced_accuracy(y, probs.argmax(1)), macro_auc(y, probs))  # fmt: skip

@@ -4,7 +4,8 @@ from .cuda import CUDAProtect
 from .em import EMProtect
 from .minmin import MinMinConfig, MinMinProtector
 from .rem import REMProtect
+from .salm import SALMProtect
 from .sem import SEMProtect
 from .uc import UCProtect
 
-__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SEMProtect", "UCProtect"]
+__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SALMProtect", "SEMProtect", "UCProtect"]

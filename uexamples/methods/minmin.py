@@ -19,6 +19,7 @@ The J transformation draws are one batch of J*B images, never a Python loop over
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -47,7 +48,10 @@ class MinMinConfig(AdditiveConfig):
     surrogate: Any = option("smallcnn", "surrogate classifier: built-in name (tinycnn, smallcnn, convnet, resnet18, "
                             "resnet20, resnet56), transformers Hub id or folder, or a torch.nn.Module")  # fmt: skip
     trust_remote_code: bool = option(False, "allow a Hub surrogate's own modelling code to run")
-    train_steps: int = option(5000, "surrogate fit steps (S)")
+    train_steps: int = option(5000, "surrogate fit steps (S); with train_epochs set, the most steps a fit may take")
+    train_epochs: float | None = option(None, "fit length that follows the data: ceil(train_epochs * images / "
+                                        "train_batch_size) steps, at least min_train_steps, at most train_steps")  # fmt: skip
+    min_train_steps: int = option(20, "the fewest fit steps the train_epochs rule gives (a tiny set still fits)")
     train_batch_size: int = option(128, "images per fit step")
     lr: float = option(0.1, "surrogate SGD learning rate")
     momentum: float = option(0.9, "surrogate SGD momentum")
@@ -154,6 +158,9 @@ class MinMinProtector(AdditiveProtector):
             check_int(cfg, name)  # 0 steps would fit nothing and "protect" with untrained noise
         check_int(cfg, "adv_steps", minimum=0)
         check_int(cfg, "max_fit_samples", optional=True)
+        check_int(cfg, "min_train_steps")
+        if cfg.train_epochs is not None and not float(cfg.train_epochs) > 0:
+            raise ValueError(f"train_epochs must be None or > 0, got {cfg.train_epochs!r}")
         for name in ("lr", "step_size"):
             if not float(getattr(cfg, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
@@ -168,6 +175,23 @@ class MinMinProtector(AdditiveProtector):
         super()._init_runtime()
         self._surrogate_module: nn.Module | None = None
         self.passes = 0  # forward+backward passes, in images (for the speed benchmark)
+
+    def planned_train_steps(self, images: int) -> int:
+        """Fit steps for ``images`` training images: ``train_steps``, or with ``train_epochs`` set the rule
+        ceil(train_epochs * images / train_batch_size) clipped to [min_train_steps, train_steps], so that
+        a fit on 500 images costs a fraction of one on 50,000.
+
+        >>> from uexamples.methods.em import EMProtect
+        >>> p = EMProtect(train_epochs=10, train_steps=400, min_train_steps=20, train_batch_size=128)
+        >>> p.planned_train_steps(500), p.planned_train_steps(50), p.planned_train_steps(50_000)
+        (40, 20, 400)
+        """
+        cfg = self.config
+        if cfg.train_epochs is None:
+            return int(cfg.train_steps)
+        bs = min(int(cfg.train_batch_size), max(1, images))
+        steps = math.ceil(float(cfg.train_epochs) * images / bs)
+        return int(min(int(cfg.train_steps), max(int(cfg.min_train_steps), steps)))
 
     # ------------------------------------------------------------------ state
     def working_resolution(self) -> int | None:
@@ -313,6 +337,7 @@ class MinMinProtector(AdditiveProtector):
         bs = min(cfg.train_batch_size, n)
         bs -= bs % dp.shards  # equal shards
         rows = dp.local_rows(bs)
+        total = self.planned_train_steps(n)
         state = FitState(model, opt, sched, gen, order=torch.randperm(n, generator=gen))
         started, ckpt = time.time(), None
         if self._checkpoint is not None:
@@ -325,8 +350,8 @@ class MinMinProtector(AdditiveProtector):
                 self.passes = state.passes
                 self._restore_fit_state(state.method_state)
         first = state.step
-        bar = tqdm(range(first, cfg.train_steps), desc=f"Fitting {self.method.upper()} surrogate",
-                   disable=not progress or dp.rank != 0, initial=first, total=cfg.train_steps)  # fmt: skip
+        bar = tqdm(range(first, total), desc=f"Fitting {self.method.upper()} surrogate",
+                   disable=not progress or dp.rank != 0, initial=first, total=total)  # fmt: skip
         for step in bar:
             if state.pos + bs > n:
                 state.order, state.pos = torch.randperm(n, generator=gen), 0
@@ -345,11 +370,11 @@ class MinMinProtector(AdditiveProtector):
                 bar.set_postfix(train_acc=f"{state.acc_ema:.3f}")
             if cfg.stop_at_train_accuracy is not None and step >= 20 and state.acc_ema >= cfg.stop_at_train_accuracy:
                 break
-            if ckpt is not None and ckpt.due(state.step, cfg.train_steps):
+            if ckpt is not None and ckpt.due(state.step, total):
                 state.passes, state.method_state = self.passes, self._fit_state()
                 ckpt.save(state.state_dict())
         bar.close()
-        self.fit_stats = {"steps": state.step, "train_accuracy": state.acc_ema, "seconds": time.time() - started,
+        self.fit_stats = {"steps": state.step, "planned_steps": total, "train_accuracy": state.acc_ema, "seconds": time.time() - started,
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
         self._runtime.pop("dp", None)

@@ -1,0 +1,227 @@
+"""SALM: error-minimizing noise restricted to sparse local masks (Sun et al., 2024), for medical images.
+
+Medical scans are sparse: a few structures carry the features, the rest is background. SALM keeps
+the min-min engine of EM and restricts the noise, per image, to a mask of the ``mask_ratio`` most
+significant pixels; every pixel outside the mask is stored bit-identical to the original (at the
+default native resolution), so the clinical content outside the mask is untouched. The engine is not
+copied: SALM overrides its ``project`` hook (noise times the mask after the L-inf clamp), its
+``noise_phase`` (the mask is chosen when the phase starts) and, for the refreshed rule, its
+``noise_step``.
+
+The paper publishes no code and leaves the mask rule open. Rules (``mask_rule``):
+
+- ``saliency``: the top pixels of |d loss / d x| of the surrogate on the clean image (summed over
+  channels), chosen once per noise phase: where the surrogate's loss is most sensitive.
+- ``saliency-refresh``: the same at the start, then re-chosen at every noise step from the gradient
+  at ``x + delta``: the noise may move to where it now matters.
+- ``intensity``: the brightest pixels (foreground of dark-background scans); model-free.
+- ``local``: windows of ``window x window`` pixels around the most salient points, taken greedily
+  (the highest remaining saliency, then its window) until the ratio is reached: local patches
+  rather than scattered pixels.
+
+Every rule gives each image exactly ``round(mask_ratio * H * W)`` pixels (at least one), the same on
+every channel, so a grey image stays grey. One exception to "bit-identical outside the mask": a
+palette (``P``) image stores colours shared by many pixels, so the colours its masked pixels move to
+also move the pixels outside the mask that share them (within the bound). With ``resolution=N`` other
+than the images' size the noise is resized, and spreads beyond the mask. Which rule and ratio the presets use was decided by the
+ablation in benchmarks/README.md ("Medical images: SALM"): ``fast`` refreshes the saliency mask.
+
+>>> import uexamples as ue
+>>> ds = ue.load_sample_dataset().select(range(64))
+>>> protect = ue.SALMProtect(seed=0, train_steps=2, final_noise_steps=2, mask_ratio=0.1).fit(ds, progress=False)
+>>> [float(m.mean()) for m in protect.masks(ds.select(range(2)))]   # 10 % of each image's pixels
+[0.099609375, 0.099609375]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.additive import NATIVE, to_working
+from ..core.batch import ProtectBatch
+from ..core.images import NativeImage, load_pil
+from ..core.options import option
+from ..core.registry import register_method
+from .minmin import MinMinConfig, MinMinProtector
+
+MASK_RULES = ("saliency", "saliency-refresh", "intensity", "local")
+
+
+@dataclasses.dataclass
+class SALMConfig(MinMinConfig):
+    """The min-min engine's settings plus the mask."""
+
+    mask_rule: str = option("saliency-refresh", "which pixels the noise may change: " + ", ".join(MASK_RULES), choices=MASK_RULES)
+    mask_ratio: float = option(0.2, "fraction of each image's pixels in the mask (0 < ratio <= 1)")
+    window: int = option(3, "side in pixels of the windows of the local rule")
+
+
+PAPER = dict(
+    surrogate="resnet18", train_steps=5000, train_batch_size=128, lr=0.1, lr_decay_every=100_000,
+    noise_steps=20, eot_draws=1, step_size=0.8 / 255, final_noise_steps=20, final_eot_draws=1,
+    stop_at_train_accuracy=0.99, resolution=NATIVE,
+)
+# CPU-sized; the fit length follows the data: 30 epochs (128 steps on 546 scans), at least 20 steps, at
+# most 400 (SEM fast's fixed length). Rule and ratio chosen by the ablation on breastmnist (10 epochs left
+# the victim at 0.59-0.69 balanced accuracy whatever the rule; 30 epochs with the refreshed saliency mask
+# at chance), confirmed on retinamnist, never tuned on: benchmarks/README.md, "Medical images: SALM".
+FAST = dict(
+    mask_rule="saliency-refresh", mask_ratio=0.2, surrogate="tinycnn", train_steps=400, train_epochs=30,
+    min_train_steps=20, train_batch_size=128, lr=0.1, lr_decay_every=100_000, noise_steps=5, eot_draws=1,
+    step_size=2 / 255, final_noise_steps=20, final_eot_draws=1, stop_at_train_accuracy=0.99, resolution=NATIVE,
+)
+
+
+def top_pixels(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, 1, H, W) 0/1 mask of the ``count`` highest ``scores`` (B, H, W) of each image; ties go to the
+    earlier pixel (a stable sort), so the same scores always give the same mask."""
+    b, h, w = scores.shape
+    order = torch.argsort(-scores.reshape(b, -1).float(), dim=1, stable=True)[:, :count]
+    mask = torch.zeros(b, h * w, dtype=scores.dtype if scores.is_floating_point() else torch.float32, device=scores.device)
+    return mask.scatter_(1, order, 1.0).view(b, 1, h, w)
+
+
+def local_windows(scores: torch.Tensor, count: int, window: int) -> torch.Tensor:
+    """Greedy windows: repeatedly take the most salient pixel not yet covered and cover the window x window
+    square around it, until ``count`` pixels are covered; then keep exactly ``count`` of them (the most
+    salient). All images of the batch move together, one window each per round."""
+    b, h, w = scores.shape
+    s = scores.reshape(b, -1).float()
+    covered = torch.zeros(b, 1, h, w, device=scores.device)
+    done = torch.zeros(b, dtype=torch.bool, device=scores.device)
+    for _ in range(h * w):  # at most one round per pixel; in practice about count / window^2 rounds
+        free = s.masked_fill(covered.view(b, -1) > 0, float("-inf"))
+        centre = torch.zeros(b, h * w, device=scores.device)
+        centre.scatter_(1, free.argmax(1, keepdim=True), 1.0)
+        centre[done] = 0  # images already full take no more windows
+        grown = F.max_pool2d(centre.view(b, 1, h, w), window, stride=1, padding=window // 2)[..., :h, :w]
+        covered = torch.maximum(covered, grown)
+        done = covered.view(b, -1).sum(1) >= count
+        if bool(done.all()):
+            break
+    # the last windows may overshoot: keep the most salient `count` covered pixels
+    inside = torch.where(covered.view(b, -1) > 0, s, torch.full_like(s, float("-inf")))
+    return top_pixels(inside.view(b, h, w), count)
+
+
+@register_method
+class SALMProtect(MinMinProtector):
+    """Error-minimizing noise on a sparse local mask per image; the rest of the image is left bit-identical."""
+
+    method = "salm"
+    title = "SALM (sparsity-aware local masking)"
+    summary = ("Error-minimizing noise restricted, per image, to a sparse mask of its most significant pixels; "
+               "every other pixel is left unchanged (Sun et al., 2024).")  # fmt: skip
+    paper = "Sun et al., *Medical Unlearnable Examples: Securing Medical Data from Unauthorized Training via Sparsity-Aware Local Masking*, 2024"
+    citation = (
+        "@article{sun2024medical,\n  title={Medical Unlearnable Examples: Securing Medical Data from Unauthorized "
+        "Training via Sparsity-Aware Local Masking},\n  author={Sun, Weixiang and Liu, Yixin and Yan, Zhiling and "
+        "Xu, Kaidi and Sun, Lichao},\n  journal={arXiv preprint arXiv:2403.10573},\n  year={2024}\n}"
+    )
+    adversarial_training = False  # EM's model phase: plain training on t(x + delta)
+    config_class = SALMConfig
+    PRESETS = {"paper": PAPER, "fast": FAST}
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        cfg = self.config
+        if cfg.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {cfg.mask_rule!r}")
+        if not 0 < float(cfg.mask_ratio) <= 1:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {cfg.mask_ratio!r}")
+        if isinstance(cfg.window, bool) or not isinstance(cfg.window, int) or cfg.window < 1 or cfg.window % 2 == 0:
+            raise ValueError(f"window must be an odd number of pixels >= 1, got {cfg.window!r}")
+
+    @classmethod
+    def card_notes(cls, config: dict[str, Any]) -> list[str]:
+        ratio = float(config.get("mask_ratio", 0))
+        native = config.get("resolution") == NATIVE
+        return [
+            f"Mask: rule `{config.get('mask_rule')}`, {100 * ratio:g} % of each image's pixels"
+            + (f" (windows of {config.get('window')} px)" if config.get("mask_rule") == "local" else "") + ".",
+            "Every pixel outside an image's mask is bit-identical to the original." if native else
+            "The noise was computed on a resized grid, so it spreads beyond the mask when resized back.",
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ the mask
+    def mask_size(self, height: int, width: int) -> int:
+        """Pixels in each mask of an image of this size: round(mask_ratio * H * W), at least one."""
+        return max(1, int(round(float(self.config.mask_ratio) * height * width)))
+
+    def saliency(self, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """|d loss / d x| of the surrogate on ``x``, summed over channels: (B, H, W)."""
+        x = x.detach().requires_grad_(True)
+        loss = self.objective(model(x), targets)
+        (g,) = torch.autograd.grad(loss, x)
+        self.passes += x.shape[0]
+        return g.abs().sum(1)
+
+    def choose_mask(self, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The (B, 1, H, W) 0/1 mask of each image at the start of a noise phase."""
+        cfg = self.config
+        count = self.mask_size(*x.shape[2:])
+        if cfg.mask_rule == "intensity":
+            return top_pixels(x.mean(1), count)
+        scores = self.saliency(model, x, targets)
+        if cfg.mask_rule == "local":
+            return local_windows(scores, count, int(cfg.window))
+        return top_pixels(scores, count)
+
+    # ------------------------------------------------------------------ engine hooks
+    def initial_noise(self, x: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
+        self._runtime["mask"] = None  # the mask of this phase is not chosen yet: noise_phase masks the start
+        return super().initial_noise(x, rnd, grey)
+
+    def noise_phase(self, model, x, y, delta, rnd, steps, draws, grey=None) -> torch.Tensor:
+        self._runtime["mask"] = self.choose_mask(model, x, y)
+        delta = self.project(delta, x, grey)
+        delta = super().noise_phase(model, x, y, delta, rnd, steps, draws, grey)
+        self._runtime["last_mask"] = self._runtime.pop("mask")
+        return delta
+
+    def noise_step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        if self.config.mask_rule == "saliency-refresh":  # re-chosen where the loss is now most sensitive
+            self._runtime["mask"] = top_pixels(grad.abs().sum(1), self.mask_size(*grad.shape[2:]))
+        return super().noise_step(delta, grad)
+
+    def project(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
+        """The engine's projection (bound, valid image, grey kept grey), then zero outside the mask."""
+        delta = super().project(delta, x, grey)
+        mask = self._runtime.get("mask")
+        return delta if mask is None else delta * mask
+
+    # ------------------------------------------------------------------ inspection
+    def masks(self, dataset: datasets.Dataset, batch_size: int = 256) -> list[np.ndarray]:
+        """The (H, W) boolean mask of each row, as ``map`` computes it (at the working grid: the image's own
+        pixels at native resolution). For the utility report and the pictures; costs one map."""
+        if not self.fitted:
+            raise RuntimeError("SALMProtect must be fitted before its masks can be computed")
+        cols = self.columns_for(dataset.features)
+        raw = dataset.cast_column(cols.image, datasets.Image(decode=False))
+        res = self.working_resolution()
+        out: list[np.ndarray] = []
+        for start in range(0, len(raw), batch_size):
+            rows = raw[start : start + batch_size]
+            idx = list(range(start, start + len(rows[cols.image])))
+            images = [NativeImage.from_pil(load_pil(c, row=r), row=r) for c, r in zip(rows[cols.image], idx)]
+            labels = self._read_labels(rows, cols.label, idx)
+            groups: dict[Any, list[int]] = {}  # one working batch per image size at native resolution
+            for i, img in enumerate(images):
+                groups.setdefault(img.color.shape[1:] if res is None else None, []).append(i)
+            found: list[np.ndarray | None] = [None] * len(images)
+            for members in groups.values():  # the noise of an image does not depend on its batch-mates
+                part = ProtectBatch(images=[images[i] for i in members], rows=[idx[i] for i in members],
+                                    labels=None if labels is None else [labels[i] for i in members], seed=self.config.seed)  # fmt: skip
+                x, grey = to_working(part.images, res)
+                self.perturbation(x, part, grey)
+                mask = self._runtime.pop("last_mask")
+                for j, i in enumerate(members):
+                    found[i] = mask[j, 0].cpu().numpy() > 0
+            out.extend(found)  # type: ignore[arg-type]
+        return out
