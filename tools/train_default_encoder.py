@@ -5,7 +5,7 @@ labels on the 50,000-image train split of ``../shared/datasets/cifar10-jpeg`` (t
 set; the benchmark set cifar10-10k is the CIFAR-10 *test* set, which this encoder never sees).
 Seeded, so a re-run on the same machine gives the same weights::
 
-    python tools/train_default_encoder.py --epochs 10 --out uexamples/data/encoders/uexamples-cifar-resnet20.safetensors
+    python tools/train_default_encoder.py --epochs 15 --out uexamples/data/encoders/uexamples-cifar-resnet20.safetensors
 
 Why a shipped encoder: UC clusters images in an encoder's feature space and the clusters must follow
 the classes a victim will be trained on; an encoder learned from scratch during fit on an unlabelled
@@ -34,7 +34,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SHARED / "cifar10-jpeg"))
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
