@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -65,6 +66,17 @@ def fit_input(protector, train):
     if protector.needs_labels:
         return train
     return train.remove_columns([c for c in train.column_names if c != "image"])
+
+
+def fit_and_map(protector, train, progress: bool = False, batch_size: int = 512, **map_kwargs):
+    """Fit ``protector`` on ``train`` (label-free methods without the labels, :func:`fit_input`) and map the
+    whole split; returns (protected, fit seconds, map seconds)."""
+    t0 = time.time()
+    protector.fit(fit_input(protector, train), progress=progress)
+    fit_s = time.time() - t0
+    t1 = time.time()
+    protected = train.map(protector, batched=True, batch_size=batch_size, load_from_cache_file=False, **map_kwargs)
+    return protected, fit_s, time.time() - t1
 
 
 def keep_other_methods(path: Path, report: dict, rerun: list[str], signature: Callable[[dict], object]) -> dict:

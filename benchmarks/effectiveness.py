@@ -18,13 +18,12 @@ of every results file (pasted into benchmarks/README.md).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import datasets
 import torch
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
 
@@ -57,12 +56,7 @@ def run(args) -> dict:
             r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, args.seed)
-        t0 = time.time()
-        protector.fit(train, progress=not args.quiet)
-        fit_s = time.time() - t0
-        t1 = time.time()
-        protected = train.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
-        map_s = time.time() - t1
+        protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
         px, py = dataset_to_tensors(protected)
         linf = int(((px - clean_x).abs().max() * 255).round())
         res = train_victim(px, py, test_x, test_y, desc=f"{method} victim", **victim)

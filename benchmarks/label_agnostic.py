@@ -20,14 +20,13 @@ Results: benchmarks/results/label_agnostic_<dataset>.json; ``--table`` prints th
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 
-from common import (RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_input, keep_other_methods, machine_info,
+from common import (RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info,
                     make_protector)
 from uexamples.evaluation import RELABELINGS, dataset_quality, dataset_to_tensors, train_victim
 
@@ -73,13 +72,7 @@ def run(args) -> dict:
             {k: v["curve"] for k, v in r["clean"].items()}, recipe(r)))  # fmt: skip
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, args.seed)
-        fit_on = fit_input(protector, train)
-        t0 = time.time()
-        protector.fit(fit_on, progress=not args.quiet)
-        fit_s = time.time() - t0
-        t1 = time.time()
-        protected = train.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
-        map_s = time.time() - t1
+        protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
         quality = dataset_quality(train, protected, "image", limit=None)
         px, _ = dataset_to_tensors(protected)
         row = {

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, machine_info, make_protector
 from uexamples.core.loading import load_split
 from uexamples.evaluation import dataset_quality, parse_countermeasures, train_victim
 from uexamples.evaluation.countermeasures import Countermeasure, PartialProtection
@@ -60,12 +59,7 @@ def protected_split(train: datasets.Dataset, name: str, method: str, preset: str
     record_path = folder / "generation.json"
     if record_path.is_file():
         return datasets.load_from_disk(str(folder / "dataset")), json.loads(record_path.read_text())
-    t0 = time.time()
-    prot.fit(train)
-    fit_s = time.time() - t0
-    t1 = time.time()
-    out = train.map(prot, batched=True, batch_size=512, load_from_cache_file=False, desc=f"Protecting ({method})")
-    map_s = time.time() - t1
+    out, fit_s, map_s = fit_and_map(prot, train, progress=True, desc=f"Protecting ({method})")
     record = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1), "generation_seconds": round(fit_s + map_s, 1),
               "cpu_threads": torch.get_num_threads(), "fit_stats": getattr(prot, "fit_stats", None)}  # fmt: skip
     out.save_to_disk(str(folder / "dataset"))

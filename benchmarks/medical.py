@@ -18,14 +18,13 @@ benchmarks/results/medical_<dataset><suffix>.json; ``--table`` prints the Markdo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import datasets
 import numpy as np
 import torch
 
-from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, keep_other_methods, machine_info, make_protector
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
 from uexamples.core.images import NativeImage, load_pil
 from uexamples.evaluation import dataset_quality, dataset_to_tensors, train_victim
 
@@ -87,12 +86,7 @@ def run(args) -> dict:
             r["clean"], r["victim"], r["preset"], r["seeds"], r["train_images"]))  # fmt: skip
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, 0)
-        t0 = time.time()
-        protector.fit(train, progress=not args.quiet)
-        fit_s = time.time() - t0
-        t1 = time.time()
-        protected = train.map(protector, batched=True, batch_size=256, load_from_cache_file=False)
-        map_s = time.time() - t1
+        protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
         row = {"config": {k: v for k, v in protector.public_config().items() if k != "key"},
                "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
                "generation_seconds": round(fit_s + map_s, 1), "fit_stats": getattr(protector, "fit_stats", None),

@@ -118,19 +118,23 @@ class AdditiveProtector(Protector):
         """Noise (B, 3, r, r) for the working batch ``x`` of ``batch`` (``batch.keys`` seed per-sample randomness)."""
         raise NotImplementedError
 
-    def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
+    def working_batches(self, batch: ProtectBatch) -> list[tuple[list[int], ProtectBatch, torch.Tensor, torch.Tensor]]:
+        """``batch`` as working batches: (its rows, the sub-batch, x, grey); one per image size at native
+        resolution, else the whole batch at the working resolution."""
         res = self.working_resolution()
         if res is None:  # one working batch per image size
             groups: dict[tuple, list[int]] = {}
             for i, img in enumerate(batch.images):
                 groups.setdefault(img.color.shape[1:], []).append(i)
-            parts = [batch.select(idx) for idx in groups.values()]
+            parts = [(idx, batch.select(idx)) for idx in groups.values()]
         else:
-            groups, parts = {None: list(range(len(batch)))}, [batch]
+            parts = [(list(range(len(batch))), batch)]
+        return [(idx, part, *to_working(part.images, res)) for idx, part in parts]
+
+    def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
         eps, resample = float(self.config.epsilon), self.config.resample
         out: list[np.ndarray | None] = [None] * len(batch)
-        for idx, part in zip(groups.values(), parts):
-            x, grey = to_working(part.images, res)
+        for idx, part, x, grey in self.working_batches(batch):
             delta = self.perturbation(x, part, grey)
             for i, img, d in zip(idx, part.images, delta):
                 out[i] = img.color + to_native(d, img, eps, resample)

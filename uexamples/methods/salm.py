@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.additive import NATIVE, to_working
+from ..core.additive import NATIVE
 from ..core.batch import ProtectBatch
 from ..core.images import NativeImage, load_pil
 from ..core.options import option
@@ -83,8 +83,7 @@ def top_pixels(scores: torch.Tensor, count: int) -> torch.Tensor:
     earlier pixel (a stable sort), so the same scores always give the same mask."""
     b, h, w = scores.shape
     order = torch.argsort(-scores.reshape(b, -1).float(), dim=1, stable=True)[:, :count]
-    mask = torch.zeros(b, h * w, dtype=scores.dtype if scores.is_floating_point() else torch.float32, device=scores.device)
-    return mask.scatter_(1, order, 1.0).view(b, 1, h, w)
+    return torch.zeros(b, h * w, device=scores.device).scatter_(1, order, 1.0).view(b, 1, h, w)
 
 
 def local_windows(scores: torch.Tensor, count: int, window: int) -> torch.Tensor:
@@ -204,21 +203,14 @@ class SALMProtect(MinMinProtector):
             raise RuntimeError("SALMProtect must be fitted before its masks can be computed")
         cols = self.columns_for(dataset.features)
         raw = dataset.cast_column(cols.image, datasets.Image(decode=False))
-        res = self.working_resolution()
         out: list[np.ndarray] = []
         for start in range(0, len(raw), batch_size):
             rows = raw[start : start + batch_size]
             idx = list(range(start, start + len(rows[cols.image])))
             images = [NativeImage.from_pil(load_pil(c, row=r), row=r) for c, r in zip(rows[cols.image], idx)]
-            labels = self._read_labels(rows, cols.label, idx)
-            groups: dict[Any, list[int]] = {}  # one working batch per image size at native resolution
-            for i, img in enumerate(images):
-                groups.setdefault(img.color.shape[1:] if res is None else None, []).append(i)
+            batch = ProtectBatch(images=images, labels=self._read_labels(rows, cols.label, idx), rows=idx, seed=self.config.seed)
             found: list[np.ndarray | None] = [None] * len(images)
-            for members in groups.values():  # the noise of an image does not depend on its batch-mates
-                part = ProtectBatch(images=[images[i] for i in members], rows=[idx[i] for i in members],
-                                    labels=None if labels is None else [labels[i] for i in members], seed=self.config.seed)  # fmt: skip
-                x, grey = to_working(part.images, res)
+            for members, part, x, grey in self.working_batches(batch):  # grouped as map groups them
                 self.perturbation(x, part, grey)
                 mask = self._runtime.pop("last_mask")
                 for j, i in enumerate(members):
