@@ -27,6 +27,7 @@ import torch
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
 from uexamples.core.images import NativeImage, load_pil
 from uexamples.evaluation import dataset_quality, dataset_to_tensors, train_victim
+from uexamples.evaluation.countermeasures import parse_countermeasure
 
 
 def stored_levels(ds: datasets.Dataset) -> list[np.ndarray]:
@@ -66,7 +67,8 @@ def run(args) -> dict:
     clean_x, clean_y = dataset_to_tensors(train, res)
     seeds = [int(s) for s in args.seeds.split(",")]
     classes = int(max(clean_y.max(), test_y.max())) + 1
-    victim = dict(arch=args.victim, epochs=args.epochs, lr=args.lr, num_classes=classes, progress=not args.quiet)
+    victim = dict(arch=args.victim, epochs=args.epochs, lr=args.lr, num_classes=classes, progress=not args.quiet,
+                  countermeasure=parse_countermeasure(args.countermeasure))  # fmt: skip
 
     def victims(x: torch.Tensor, tag: str) -> dict:
         runs = [train_victim(x, clean_y, test_x, test_y, seed=s, desc=f"{tag} victim seed {s}", **victim).to_dict() for s in seeds]
@@ -74,10 +76,12 @@ def run(args) -> dict:
 
     report = {
         "dataset": name, "train_images": len(train), "test_images": len(test), "classes": classes,
-        "preset": args.preset, "victim": {"arch": args.victim, "epochs": args.epochs, "lr": args.lr, "resolution": res},
-        "seeds": seeds, "machine": machine_info(), "clean": {}, "methods": {},
+        "preset": args.preset, "victim": {"arch": args.victim, "epochs": args.epochs, "lr": args.lr, "resolution": res,
+                                         "countermeasure": victim["countermeasure"].label},
+        "seeds": seeds, "fit_per_seed": args.fit_per_seed, "machine": machine_info(), "clean": {}, "methods": {},
     }  # fmt: skip
-    recipe = lambda r: (r["victim"], r["seeds"], r["train_images"], r["machine"]["cpu_threads"])  # noqa: E731
+    # files written before the countermeasure option trained with the standard one
+    recipe = lambda r: ({"countermeasure": "standard", **r["victim"]}, r["seeds"], r["train_images"], r["machine"]["cpu_threads"])  # noqa: E731
     same = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"medical_{name}*.json"))] if args.reuse_clean else []
     same = [r for r in same if recipe(r) == recipe(report)]
     # the clean victims are deterministic for a recipe and thread count: measured once, reused on request
@@ -90,16 +94,30 @@ def run(args) -> dict:
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
             r["clean"], r["victim"], r["preset"], r["seeds"], r["train_images"]))  # fmt: skip
     for method in args.methods.split(","):
-        protector = make_protector(method, args.preset, 0)
-        protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
-        row = {"config": {k: v for k, v in protector.public_config().items() if k != "key"},
-               "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
-               "generation_seconds": round(fit_s + map_s, 1), "fit_stats": getattr(protector, "fit_stats", None),
-               "quality": dataset_quality(train, protected, "image", limit=None)}  # fmt: skip
-        if protector.method == "salm":
-            row["mask"] = outside_mask_report(train, protected, protector.masks(train))
-        px, _ = dataset_to_tensors(protected, res)
-        row["victims"] = victims(px, method)
+        # --fit-per-seed: seed s fits its own protector (seed s) for the victim of seed s, so the spread
+        # holds the fit's randomness too; otherwise one fit (seed 0) feeds every victim
+        fit_seeds = seeds if args.fit_per_seed else [0]
+        runs, fits = [], []
+        for fit_seed in fit_seeds:
+            protector = make_protector(method, args.preset, fit_seed)
+            protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
+            fits.append({"seed": fit_seed, "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
+                         "fit_stats": getattr(protector, "fit_stats", None)})  # fmt: skip
+            if fit_seed == fit_seeds[0]:  # image quality and the mask check of the first fit
+                row = {"config": {k: v for k, v in protector.public_config().items() if k != "key"},
+                       "quality": dataset_quality(train, protected, "image", limit=None)}  # fmt: skip
+                if protector.method == "salm":
+                    row["mask"] = outside_mask_report(train, protected, protector.masks(train))
+            px, _ = dataset_to_tensors(protected, res)
+            vseeds = [fit_seed] if args.fit_per_seed else seeds
+            runs += [train_victim(px, clean_y, test_x, test_y, seed=s, desc=f"{method} victim seed {s}", **victim).to_dict()
+                     for s in vseeds]  # fmt: skip
+        fit_s = float(np.mean([f["fit_seconds"] for f in fits]))
+        map_s = float(np.mean([f["map_seconds"] for f in fits]))
+        row.update(fit_seconds=round(fit_s, 1), map_seconds=round(map_s, 1), generation_seconds=round(fit_s + map_s, 1),
+                   fit_stats=fits[0]["fit_stats"], victims=summary(runs))  # fmt: skip
+        if args.fit_per_seed:
+            row["fits"] = fits
         report["methods"][method] = row
         v = row["victims"]
         print(f"[{name}] {method}: generation {fit_s + map_s:.0f} s, acc {v['final_accuracy']['mean']:.3f} balanced "
@@ -123,8 +141,9 @@ def table() -> str:
         c = rep["clean"]
         lines += [
             f"**{rep['dataset']}** ({rep['train_images']} train / {rep['test_images']} test, {rep['classes']} classes; "
-            f"victim {rep['victim']['arch']} {rep['victim']['epochs']} epochs at {rep['victim']['resolution']} px, "
-            f"seeds {','.join(map(str, rep['seeds']))}; chance: balanced {100 / rep['classes']:.0f} %, AUC 0.5; "
+            f"victim {rep['victim']['arch']} {rep['victim']['epochs']} epochs at {rep['victim']['resolution']} px"
+            f"{', countermeasure ' + rep['victim']['countermeasure'] if rep['victim'].get('countermeasure', 'standard') != 'standard' else ''}, "
+            f"seeds {','.join(map(str, rep['seeds']))}{' (one fit per seed)' if rep.get('fit_per_seed') else ''}; chance: balanced {100 / rep['classes']:.0f} %, AUC 0.5; "
             f"{rep['machine']['cpu_threads']} threads) - `{path.name}`",
             "",
             "| method | balanced acc. (%) | AUC | accuracy (%) | generation (s) | pixels changed | PSNR (dB) | SSIM | outside mask identical |",
@@ -190,6 +209,8 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--fit-per-seed", action="store_true", help="one fit per seed (protector seed = victim seed), not one fit for all")
+    p.add_argument("--countermeasure", default="standard", help="what the victims do (frame:20/255: black out the scans' frame)")
     p.add_argument("--resolution", type=int, default=0, help="victim input size (default: the images' own)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--suffix", default="")

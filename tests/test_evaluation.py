@@ -79,6 +79,22 @@ def test_blur_keeps_constants_and_spreads_an_impulse():
 
 
 @pytest.mark.unit
+def test_frame_blackens_the_dark_field_around_the_image_only():
+    x = torch.full((2, 3, 10, 10), 0.5)
+    x[0, :, :, :3] = x[0, :, :, -2:] = 6 / 255  # image 0: a dark frame left and right, carrying noise
+    x[0, :, 0, 1] = 14 / 255
+    x[0, :, 4:6, 5:7] = 2 / 255  # a dark structure inside the image
+    x[1, :, :3, :] = 6 / 255  # image 1: dark along the top only: not a frame
+    out = parse_countermeasure("frame:20/255").preprocess(x)
+    assert (out[0, :, :, :3] == 0).all() and (out[0, :, :, -2:] == 0).all()  # the frame and its noise are gone
+    assert torch.equal(out[0, :, :, 3:-2], x[0, :, :, 3:-2])  # the rest, the inner dark structure included, is kept
+    assert torch.equal(out[1], x[1])
+    assert parse_countermeasure("frame").label == "frame:20/255"
+    kept = parse_countermeasure("frame:5/255").preprocess(x)  # below the frame's level: nothing is touched
+    assert torch.equal(kept, x)
+
+
+@pytest.mark.unit
 def test_cutout_zeroes_one_square_per_image():
     x = torch.ones(50, 3, 32, 32)
     out = parse_countermeasure("cutout:8").apply(x, torch.Generator().manual_seed(0))
@@ -137,7 +153,7 @@ def test_partial_protection_mixes_exactly_the_fraction():
 @pytest.mark.parametrize(
     "spec, message",
     [("sharpen", "unknown countermeasure"), ("jpeg:0", "quality"), ("adv:8/255,foo=1", "no parameter"),
-     ("partial:2", "fraction"), ("blur:x", "not a number")],
+     ("partial:2", "fraction"), ("blur:x", "not a number"), ("frame:1.5", "level")],
 )  # fmt: skip
 def test_bad_countermeasures(spec, message):
     with pytest.raises(CountermeasureError, match=message):

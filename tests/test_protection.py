@@ -66,3 +66,20 @@ def test_a_victim_learns_the_shortcut_not_the_images(sample_ds):
         assert clean < r_clean - 0.03  # the protected victim also recognises the clean images worse
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.unit
+def test_fast_fit_length_follows_the_dataset_size_unless_steps_are_set(small_ds):
+    """The fast presets' rule: 30 epochs, at least 20 steps, at most the preset's steps (SEM 400, EM/REM 150);
+    an explicit train_steps is the exact length. Catches a preset that fits 400 steps on 500 images again."""
+    sem, em, rem = ue.SEMProtect(), ue.EMProtect(), ue.REMProtect()
+    assert [sem.planned_train_steps(n) for n in (40, 500, 8000, 50_000)] == [30, 118, 400, 400]
+    assert [em.planned_train_steps(n) for n in (500, 8000)] == [118, 150]
+    assert rem.planned_train_steps(500) == 118 and rem.planned_train_steps(8000) == 150
+    assert ue.SEMProtect(train_steps=1000).planned_train_steps(500) == 1000  # set explicitly: exact
+    assert ue.SEMProtect(train_steps=1000).config.train_epochs is None
+    assert ue.SEMProtect(preset="paper").planned_train_steps(500) == 5000  # the paper's fixed schedule
+    small = ue.EMProtect(seed=0, train_epochs=1, min_train_steps=2, train_batch_size=32, noise_steps=1, final_noise_steps=1)
+    small.fit(small_ds, progress=False)
+    expected = max(2, -(-len(small_ds) // 32))
+    assert small.fit_stats["planned_steps"] == expected and small.fit_stats["steps"] <= expected

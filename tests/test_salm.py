@@ -14,7 +14,7 @@ from scipy import ndimage
 import uexamples as ue
 from uexamples.core.images import NativeImage, bound_levels
 from uexamples.evaluation import dataset_to_tensors
-from uexamples.methods.salm import local_windows, top_pixels
+from uexamples.methods.salm import background_last, dark_frame, local_windows, top_pixels
 
 from helpers import random_image, shared_dataset
 
@@ -136,6 +136,50 @@ def test_top_pixels_and_local_windows_take_exactly_count():
         assert win.sum((1, 2, 3)).tolist() == [count] * 3
     best = scores.reshape(3, -1).argmax(1)
     assert all(win.reshape(3, -1)[i, best[i]] == 1 for i in range(3))  # the first window is at the peak
+
+
+def test_a_dark_frame_around_the_image_ranks_last_and_other_dark_regions_do_not():
+    x = torch.full((3, 1, 12, 12), 0.6)
+    x[0, :, :2, :] = 0.0  # image 0: a frame on every side (a letterbox) ...
+    x[0, :, -2:, :] = 0.05
+    x[0, :, :, :1] = x[0, :, :, -1:] = 0.0
+    x[0, :, 5:8, 5:8] = 0.0  # ... and a dark blob inside (a cyst): not frame
+    x[1, :, :3, :] = 0.0  # image 1: dark along the top edge only (an acoustic shadow): no frame
+    x[2] = 0.0  # image 2: a round bright disc touching the top and bottom edges: the corner pieces are frame
+    yy, xx = torch.meshgrid(torch.arange(12.0), torch.arange(12.0), indexing="ij")
+    disc = (yy - 5.5) ** 2 + (xx - 5.5) ** 2 <= 6.2**2
+    x[2, :, disc] = 0.6
+    frame = dark_frame(x, 20 / 255)
+    expected0 = torch.zeros(12, 12, dtype=torch.bool)
+    expected0[:2, :] = expected0[-2:, :] = True
+    expected0[:, 0] = expected0[:, -1] = True
+    assert torch.equal(frame[0], expected0)
+    assert not frame[1].any()
+    assert torch.equal(frame[2], ~disc)
+    assert not dark_frame(x, 0).any()  # level 0: off
+    scores = torch.rand(3, 12, 12, generator=torch.Generator().manual_seed(1))
+    scores[0, 0, :] = 10.0  # the most salient pixels are on the frame
+    count = int((~frame[0]).sum())  # exactly the inside of image 0
+    mask = top_pixels(background_last(scores, frame), count)[:, 0] > 0
+    assert not (mask[0] & frame[0]).any()  # the inside first, however salient the frame
+    more = top_pixels(background_last(scores, frame), count + 3)[:, 0] > 0
+    assert int((more[0] & frame[0]).sum()) == 3 and bool(more[0, 0, :3].all())  # then the most salient frame pixels
+    assert torch.equal(mask[1], top_pixels(scores, count)[1, 0] > 0)  # no frame: the plain rule
+    win = local_windows(background_last(scores, frame), 30, 3, frame)[:, 0] > 0
+    assert not (win[0] & frame[0]).any() and int(win[0].sum()) == 30  # windows stay off the frame too
+
+
+def test_the_fundus_frame_is_kept_out_of_real_masks():
+    retina = shared_dataset("retinamnist").select(range(64))
+    x, y = dataset_to_tensors(retina, 28)
+    frame = dark_frame(x, 20 / 255)
+    assert frame.any((1, 2)).float().mean() > 0.8  # most fundus images have one
+    protector = ue.SALMProtect(seed=0, **TINY_SALM).fit(retina, progress=False)
+    masks = torch.from_numpy(np.stack(protector.masks(retina)))
+    assert not (masks & frame).any()  # the frame leaves more than the mask's 20 % inside
+    plain = ue.SALMProtect(seed=0, frame_level=0, **TINY_SALM).fit(retina, progress=False)
+    on_frame = (torch.from_numpy(np.stack(plain.masks(retina))) & frame).sum() / masks.sum()
+    assert on_frame > 0.2  # without the rule, the saliency masks do reach into the frame
 
 
 def test_bad_options_and_mixed_sizes_at_native_resolution(sample_ds):

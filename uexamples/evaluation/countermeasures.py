@@ -4,7 +4,8 @@ Every countermeasure keeps the standard random crop + flip of victim training an
 step. Two kinds:
 
 * **preprocessing** of the training images, once, before training (image shortcut squeezing and
-  friends): ``grayscale``, ``jpeg:Q``, ``bitdepth:B``, ``blur:SIGMA``. The test images stay as they
+  friends): ``grayscale``, ``jpeg:Q``, ``bitdepth:B``, ``blur:SIGMA``, and ``frame:LEVEL`` (the dark
+  field around a scan set to black, as medical pipelines mask the field of view). The test images stay as they
   are, as in the papers' evaluation code.
 * **training procedures**: ``cutout:SIZE``, ``mixup:ALPHA``, ``adv:RADIUS`` (PGD adversarial
   training), and ``partial:FRACTION`` (only that fraction of the training set is protected; needs
@@ -33,6 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+from ..core.regions import dark_frame
 
 
 class CountermeasureError(ValueError):
@@ -151,6 +154,29 @@ class Blur(Countermeasure):
         xp = F.pad(x, (half, half, half, half), mode="reflect")
         out = F.conv2d(xp, k.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
         return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
+
+
+@dataclasses.dataclass(repr=False)
+class Frame(Countermeasure):
+    """Set an image's dark frame (``core.regions.dark_frame``: grey level at most ``level``, joined to the
+    border, through all four corners) to black: the field-of-view masking of medical pipelines (the
+    field around a fundus disc), which wipes whatever noise was hidden there. The rest is kept."""
+
+    name: ClassVar[str] = "frame"
+    level: float = 20 / 255
+
+    def __post_init__(self) -> None:
+        if not 0 < float(self.level) < 1:
+            raise CountermeasureError(f"frame level must be in (0, 1), got {self.level}")
+        self.level = float(self.level)
+
+    @property
+    def label(self) -> str:
+        return f"frame:{round(self.level * 255)}/255"
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        background = dark_frame(x, self.level)
+        return x.masked_fill(background.unsqueeze(1), 0.0)
 
 
 @dataclasses.dataclass(repr=False)
@@ -283,9 +309,9 @@ class PartialProtection(Countermeasure):
 
 
 COUNTERMEASURES: dict[str, type[Countermeasure]] = {
-    c.name: c for c in (Countermeasure, Grayscale, JPEG, BitDepth, Blur, Cutout, Mixup, AdversarialTraining, PartialProtection)
+    c.name: c for c in (Countermeasure, Grayscale, JPEG, BitDepth, Blur, Frame, Cutout, Mixup, AdversarialTraining, PartialProtection)
 }
-_MAIN_PARAMETER = {"jpeg": "quality", "bitdepth": "bits", "blur": "sigma", "cutout": "size", "mixup": "alpha",
+_MAIN_PARAMETER = {"jpeg": "quality", "bitdepth": "bits", "blur": "sigma", "frame": "level", "cutout": "size", "mixup": "alpha",
                    "adv": "radius", "partial": "fraction"}  # fmt: skip
 
 

@@ -48,7 +48,8 @@ class MinMinConfig(AdditiveConfig):
     surrogate: Any = option("smallcnn", "surrogate classifier: built-in name (tinycnn, smallcnn, convnet, resnet18, "
                             "resnet20, resnet56), transformers Hub id or folder, or a torch.nn.Module")  # fmt: skip
     trust_remote_code: bool = option(False, "allow a Hub surrogate's own modelling code to run")
-    train_steps: int = option(5000, "surrogate fit steps (S); with train_epochs set, the most steps a fit may take")
+    train_steps: int = option(5000, "surrogate fit steps (S); with train_epochs set, the most steps a fit may take "
+                                  "(setting train_steps alone fixes the fit at exactly that many steps)")
     train_epochs: float | None = option(None, "fit length that follows the data: ceil(train_epochs * images / "
                                         "train_batch_size) steps, at least min_train_steps, at most train_steps")  # fmt: skip
     min_train_steps: int = option(20, "the fewest fit steps the train_epochs rule gives (a tiny set still fits)")
@@ -145,6 +146,8 @@ class MinMinProtector(AdditiveProtector):
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         module = None
+        if "train_steps" in kwargs and "train_epochs" not in kwargs:
+            kwargs["train_epochs"] = None  # an explicit number of steps is the fit's exact length, whatever the preset's rule
         if "surrogate" in kwargs:
             kwargs["surrogate"], module = spec_as_config(kwargs["surrogate"])
         super().__init__(preset=preset, **kwargs)

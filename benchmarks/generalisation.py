@@ -1,0 +1,141 @@
+"""Generalisation: does a preset protect on data it was not tuned on, and what does its fit cost there?
+
+Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[@T...]]``:
+
+- ``@L``: grayscale (mode L), as many user datasets are;
+- ``@28``, ``@64`` ...: every image resized (bicubic) to that many pixels a side;
+- ``@n500``: the first 500 rows of the train split (the test split is kept whole).
+
+    python benchmarks/generalisation.py --variants cifar10-10k@n500,cifar10-10k@n2000 --methods sem,sem+train_epochs=null
+    python benchmarks/generalisation.py --variants cifar10-10k@L@28 --methods sem,sem+resolution=native
+
+For each variant: a clean victim and, per method, fit + map of the train split (timed, with the fit
+steps taken) and a victim trained on the protected split, both scored on the clean test split (final
+and best accuracy). Victims: ``--victims`` (default ``convnet``), seed 0; small train splits get more
+epochs so that every victim takes about as many SGD steps as one on 8,000 images (at most 100 epochs).
+Method names as ``common.make_protector`` reads them (``sem+train_epochs=null`` is SEM with a fixed
+fit length). Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged
+with the file's other variants); ``--table`` prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import torch
+from PIL import Image
+
+from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, machine_info, make_protector
+from uexamples.evaluation import dataset_quality, dataset_to_tensors, train_victim
+
+REFERENCE_IMAGES = 8000  # victims on smaller splits train for proportionally more epochs
+
+
+def derive(spec: str, split: str) -> datasets.Dataset:
+    """The split of the variant ``spec`` (see the module docstring); deterministic."""
+    base, *steps = spec.split("@")
+    ds = datasets.load_dataset(str(SHARED_DATASETS / base), split=split)
+    for step in steps:
+        if step == "L":
+            ds = ds.map(lambda b: {"image": [im.convert("L") for im in b["image"]]}, batched=True, desc=f"{spec}: grey")
+        elif step.startswith("n"):
+            if split == "train":
+                ds = ds.select(range(min(int(step[1:]), len(ds))))
+        elif step.isdigit():
+            size = int(step)
+            ds = ds.map(lambda b: {"image": [im.resize((size, size), Image.BICUBIC) for im in b["image"]]},
+                        batched=True, desc=f"{spec}: {size} px")  # fmt: skip
+        else:
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, a size in px, or nN)")
+    return ds
+
+
+def victim_epochs(base_epochs: int, images: int) -> int:
+    """About as many SGD steps as ``base_epochs`` on 8,000 images, at most 100 epochs."""
+    return int(min(100, max(base_epochs, math.ceil(base_epochs * REFERENCE_IMAGES / images))))
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    out = RESULTS / f"generalisation{args.suffix}.json"
+    report = json.loads(out.read_text()) if out.exists() else {"variants": {}}
+    report["machine"] = machine_info()
+    for spec in args.variants.split(","):
+        train, test = derive(spec, "train"), derive(spec, "test")
+        res = train[0]["image"].size[0]
+        test_x, test_y = dataset_to_tensors(test, res)
+        clean_x, clean_y = dataset_to_tensors(train, res)
+        epochs = victim_epochs(args.epochs, len(train))
+        entry = {"train_images": len(train), "test_images": len(test), "size": res, "mode": train[0]["image"].mode,
+                 "victim_epochs": epochs, "clean": {}, "methods": {}}  # fmt: skip
+        old = report["variants"].get(spec)
+        victims = args.victims.split(",")
+        for arch in victims:
+            if old and old.get("victim_epochs") == epochs and arch in old.get("clean", {}):
+                entry["clean"][arch] = old["clean"][arch]  # deterministic: measured once for this recipe
+            else:
+                r = train_victim(clean_x, clean_y, test_x, test_y, arch=arch, epochs=epochs, seed=0, progress=not args.quiet,
+                                 desc=f"{spec} clean {arch}")  # fmt: skip
+                entry["clean"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
+            print(f"[{spec}] clean {arch}: {entry['clean'][arch]['final']:.4f}", flush=True)
+        if old:
+            entry["methods"] = {m: v for m, v in old.get("methods", {}).items() if m not in args.methods.split(",")}
+        for method in args.methods.split(","):
+            protector = make_protector(method, args.preset, 0)
+            protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
+            px, _ = dataset_to_tensors(protected, res)
+            row = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
+                   "fit_steps": (getattr(protector, "fit_stats", None) or {}).get("steps"),
+                   "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
+            for arch in victims:
+                r = train_victim(px, clean_y, test_x, test_y, arch=arch, epochs=epochs, seed=0, progress=not args.quiet,
+                                 desc=f"{spec} {method} {arch}")  # fmt: skip
+                row["victims"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
+                print(f"[{spec}] {method} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
+                      f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
+            entry["methods"][method] = row
+            report["variants"][spec] = entry
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2, default=float))
+        report["variants"][spec] = entry
+        out.write_text(json.dumps(report, indent=2, default=float))
+    return report
+
+
+def table(suffix: str = "") -> str:
+    lines = []
+    for path in sorted(RESULTS.glob("generalisation*.json")):
+        rep = json.loads(path.read_text())
+        lines += [f"`{path.name}` ({rep['machine']['cpu_threads']} threads)", "",
+                  "| dataset | images | method | fit steps | fit + map (s) | victim | final (of clean) | best | clean final |",
+                  "|---|---:|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
+        for spec, e in rep["variants"].items():
+            for method, m in e["methods"].items():
+                for arch, v in m["victims"].items():
+                    c = e["clean"][arch]
+                    lines.append(
+                        f"| {spec} ({e['size']} px {e['mode']}) | {e['train_images']} | {method} | {m['fit_steps'] or '-'} | "
+                        f"{m['fit_seconds'] + m['map_seconds']:.0f} | {arch} {e['victim_epochs']} ep | "
+                        f"{100 * v['final']:.1f} % ({v['final'] / c['final']:.2f}) | {100 * v['best']:.1f} % | {100 * c['final']:.1f} % |"
+                    )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = benchmark_parser(__doc__)
+    p.add_argument("--variants", default="cifar10-10k@n500,cifar10-10k@n2000")
+    p.add_argument("--methods", default="sem,em")
+    p.add_argument("--preset", default="fast")
+    p.add_argument("--victims", default="convnet")
+    p.add_argument("--epochs", type=int, default=12, help="victim epochs on 8,000 images (more on smaller splits)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--suffix", default="", help="results file generalisation<suffix>.json (runs side by side)")
+    p.add_argument("--quiet", action="store_true")
+    dispatch(p, run, table, argv)
+
+
+if __name__ == "__main__":
+    main()
