@@ -174,10 +174,10 @@ def test_the_fundus_frame_is_kept_out_of_real_masks():
     x, y = dataset_to_tensors(retina, 28)
     frame = dark_frame(x, 20 / 255)
     assert frame.any((1, 2)).float().mean() > 0.8  # most fundus images have one
-    protector = ue.SALMProtect(seed=0, **TINY_SALM).fit(retina, progress=False)
+    protector = ue.SALMProtect(seed=0, frame_level=20 / 255, **TINY_SALM).fit(retina, progress=False)
     masks = torch.from_numpy(np.stack(protector.masks(retina)))
     assert not (masks & frame).any()  # the frame leaves more than the mask's 20 % inside
-    plain = ue.SALMProtect(seed=0, frame_level=0, **TINY_SALM).fit(retina, progress=False)
+    plain = ue.SALMProtect(seed=0, **TINY_SALM).fit(retina, progress=False)  # the default: no frame rule
     on_frame = (torch.from_numpy(np.stack(plain.masks(retina))) & frame).sum() / masks.sum()
     assert on_frame > 0.2  # without the rule, the saliency masks do reach into the frame
 
