@@ -62,6 +62,7 @@ def run(args) -> dict:
     out = RESULTS / f"generalisation{args.suffix}.json"
     report = json.loads(out.read_text()) if out.exists() else {"variants": {}}
     report["machine"] = machine_info()
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for spec in args.variants.split(","):
         train, test = derive(spec, "train"), derive(spec, "test")
         res = train[0]["image"].size[0]
@@ -82,6 +83,7 @@ def run(args) -> dict:
             print(f"[{spec}] clean {arch}: {entry['clean'][arch]['final']:.4f}", flush=True)
         if old:
             entry["methods"] = {m: v for m, v in old.get("methods", {}).items() if m not in args.methods.split(",")}
+        report["variants"][spec] = entry
         for method in args.methods.split(","):
             protector = make_protector(method, args.preset, 0)
             protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
@@ -97,14 +99,11 @@ def run(args) -> dict:
                       f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
             entry["methods"][method] = row
             report["variants"][spec] = entry
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=2, default=float))
-        report["variants"][spec] = entry
-        out.write_text(json.dumps(report, indent=2, default=float))
+            out.write_text(json.dumps(report, indent=2, default=float))  # after every method: a long run keeps its rows
     return report
 
 
-def table(suffix: str = "") -> str:
+def table() -> str:
     lines = []
     for path in sorted(RESULTS.glob("generalisation*.json")):
         rep = json.loads(path.read_text())

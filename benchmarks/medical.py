@@ -70,9 +70,8 @@ def run(args) -> dict:
     victim = dict(arch=args.victim, epochs=args.epochs, lr=args.lr, num_classes=classes, progress=not args.quiet,
                   countermeasure=parse_countermeasure(args.countermeasure))  # fmt: skip
 
-    def victims(x: torch.Tensor, tag: str) -> dict:
-        runs = [train_victim(x, clean_y, test_x, test_y, seed=s, desc=f"{tag} victim seed {s}", **victim).to_dict() for s in seeds]
-        return summary(runs)
+    def victim_runs(x: torch.Tensor, tag: str, run_seeds: list[int]) -> list[dict]:
+        return [train_victim(x, clean_y, test_x, test_y, seed=s, desc=f"{tag} victim seed {s}", **victim).to_dict() for s in run_seeds]
 
     report = {
         "dataset": name, "train_images": len(train), "test_images": len(test), "classes": classes,
@@ -85,7 +84,7 @@ def run(args) -> dict:
     same = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"medical_{name}*.json"))] if args.reuse_clean else []
     same = [r for r in same if recipe(r) == recipe(report)]
     # the clean victims are deterministic for a recipe and thread count: measured once, reused on request
-    report["clean"] = same[0]["clean"] if same else victims(clean_x, "clean")
+    report["clean"] = same[0]["clean"] if same else summary(victim_runs(clean_x, "clean", seeds))
     c = report["clean"]
     print(f"[{name}] clean: acc {c['final_accuracy']['mean']:.3f} balanced {c['final_balanced_accuracy']['mean']:.3f} "
           f"AUC {c['final_auc']['mean']:.3f}", flush=True)  # fmt: skip
@@ -109,9 +108,7 @@ def run(args) -> dict:
                 if protector.method == "salm":
                     row["mask"] = outside_mask_report(train, protected, protector.masks(train))
             px, _ = dataset_to_tensors(protected, res)
-            vseeds = [fit_seed] if args.fit_per_seed else seeds
-            runs += [train_victim(px, clean_y, test_x, test_y, seed=s, desc=f"{method} victim seed {s}", **victim).to_dict()
-                     for s in vseeds]  # fmt: skip
+            runs += victim_runs(px, method, [fit_seed] if args.fit_per_seed else seeds)
         fit_s = float(np.mean([f["fit_seconds"] for f in fits]))
         map_s = float(np.mean([f["map_seconds"] for f in fits]))
         row.update(fit_seconds=round(fit_s, 1), map_seconds=round(map_s, 1), generation_seconds=round(fit_s + map_s, 1),

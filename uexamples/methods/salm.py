@@ -121,8 +121,8 @@ def local_windows(scores: torch.Tensor, count: int, window: int, background: tor
         s = s.masked_fill(keep_out, float("-inf"))
     else:
         keep_out = torch.zeros(b, h * w, dtype=torch.bool, device=scores.device)
-    covered = keep_out.view(b, 1, h, w).float()  # the kept-out pixels count as taken, and are dropped below
-    taken = covered.clone()
+    taken = keep_out.view(b, 1, h, w).float()  # kept-out pixels start covered (no window grows into them) and are dropped below
+    covered = taken
     done = torch.zeros(b, dtype=torch.bool, device=scores.device)
     for _ in range(h * w):  # at most one round per pixel; in practice about count / window^2 rounds
         free = s.masked_fill(covered.view(b, -1) > 0, float("-inf"))
