@@ -111,6 +111,7 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         evaluation=evaluation,
         bibtex=bibtex,
         method_notes=method_notes(method, cfg),
+        rules=summary.get("rules") or {},
     )
     data = DatasetCardData(**{k: v for k, v in meta.items() if k in ("license", "tags", "source_datasets")},
                            uexamples=meta["uexamples"], pretty_name=Path(source).name + " (protected)")  # fmt: skip

@@ -134,6 +134,7 @@ def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Datas
             "images": len(source),
             **timings,
             "config": protector.public_config(),
+            "rules": protector.rules,
             "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
             **quality,
         }

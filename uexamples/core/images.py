@@ -77,6 +77,29 @@ def load_pil(value: Any, row: int | None = None) -> PIL.Image.Image:
     return upright(_still(img, where))
 
 
+def upright_size(value: Any, row: int | None = None) -> tuple[int, int]:
+    """(width, height) of an image cell as :func:`load_pil` would return it (EXIF orientation applied),
+    read from the file header: nothing is decoded. A cell that cannot be opened raises as ``load_pil`` does."""
+    try:
+        if isinstance(value, np.ndarray):
+            return int(value.shape[1]), int(value.shape[0])
+        if isinstance(value, PIL.Image.Image):
+            img = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            img = PIL.Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            img = PIL.Image.open(value["path"])
+        elif isinstance(value, str):
+            img = PIL.Image.open(value)
+        else:
+            return load_pil(value, row).size
+        w, h = img.size
+        orientation = img.getexif().get(ORIENTATION, 1)
+    except Exception:
+        return load_pil(value, row).size  # the decoder's own error, naming the row
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def _decode(value: Any, where: str) -> PIL.Image.Image:
     try:
         if isinstance(value, PIL.Image.Image):

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .additive import to_working
-from .images import NativeImage, load_pil
+from .images import NativeImage, load_pil, upright_size
 
 
 @dataclass
@@ -60,3 +60,16 @@ def load_split(
         return SplitTensors(torch.empty(0, 3, resolution, resolution), torch.empty(0, dtype=torch.bool),
                             torch.empty(0, dtype=torch.long) if label_column else None)  # fmt: skip
     return SplitTensors(torch.cat(xs), torch.cat(greys), torch.cat(ys) if label_column is not None else None)
+
+
+def image_sizes(dataset: datasets.Dataset, image_column: str, indices: Sequence[int] | None = None,
+                chunk: int = 2048) -> set[tuple[int, int]]:  # fmt: skip
+    """The distinct (width, height) of ``dataset[indices]``, read from the file headers (nothing decoded)."""
+    idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False))
+    sizes: set[tuple[int, int]] = set()
+    for start in range(0, len(idx), chunk):
+        rows_idx = idx[start : start + chunk]
+        for cell, row in zip(raw[rows_idx.tolist()][image_column], rows_idx):
+            sizes.add(upright_size(cell, row=int(row)))
+    return sizes

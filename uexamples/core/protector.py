@@ -300,6 +300,15 @@ class Protector:
         eps = self.config.epsilon
         return None if eps is None else bound_levels(eps, native.maxval)
 
+    @property
+    def rules(self) -> dict[str, str]:
+        """What the preset's data-dependent rules decided at fit (e.g. the working resolution and the number
+        of fit steps of the min-min family), in words; saved with the protector and written into the card."""
+        return dict(self._runtime.get("rules") or {})
+
+    def _set_rule(self, name: str, decision: str) -> None:
+        self._runtime.setdefault("rules", {})[name] = decision
+
     @classmethod
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
         """Lines the dataset card adds under "What was done" for this method (``config``: the public config)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..core.additive import project_grey
 from ..core.options import option
@@ -107,6 +108,8 @@ class EMProtect(MinMinProtector):
         if not self.class_wise:
             return super().perturbation(x, batch, grey)
         noise = self._runtime["class_noise"].cpu()
+        if noise.shape[-2:] != x.shape[-2:]:  # fitted natively on images of another size
+            noise = F.interpolate(noise, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return project_grey((x + noise[self.targets_for(batch)]).clamp(0, 1) - x, grey)
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
