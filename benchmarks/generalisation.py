@@ -4,6 +4,8 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
 
 - ``@L``: grayscale (mode L), as many user datasets are;
 - ``@28``, ``@64`` ...: every image resized (bicubic) to that many pixels a side;
+- ``@shuffle``: both splits in a seeded random order (seed 0), before ``@n``/``@t`` on a split stored
+  sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
 - ``@t2000``: the first 2,000 rows of the test split (a cheaper score on a big test split);
 - ``@dark``: everything outside a central disc (radius 0.4 of the side, half the image) set to black,
@@ -48,6 +50,8 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         elif step[0] in "nt" and step[1:].isdigit():
             if split == {"n": "train", "t": "test"}[step[0]]:
                 ds = ds.select(range(min(int(step[1:]), len(ds))))
+        elif step == "shuffle":
+            ds = ds.shuffle(seed=0).flatten_indices()
         elif step == "dark":
             ds = ds.map(lambda b: {"image": [black_background(im) for im in b["image"]]}, batched=True, desc=f"{spec}: dark")
         elif step.isdigit():
@@ -55,7 +59,7 @@ def derive(spec: str, split: str) -> datasets.Dataset:
             ds = ds.map(lambda b: {"image": [im.resize((size, size), Image.BICUBIC) for im in b["image"]]},
                         batched=True, desc=f"{spec}: {size} px")  # fmt: skip
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, dark, a size in px, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, dark, shuffle, a size in px, nN or tN)")
     return ds
 
 
@@ -133,21 +137,28 @@ def run(args) -> dict:
 
 
 def table() -> str:
-    lines = []
+    """One table per suite, every results file merged: a row per dataset and method, a column per victim."""
+    rows: dict[str, dict] = {}
     for path in sorted(RESULTS.glob("generalisation*.json")):
-        rep = json.loads(path.read_text())
-        lines += [f"`{path.name}` ({rep['machine']['cpu_threads']} threads)", "",
-                  "| suite | dataset | images | method | fit steps | fit + map (s) | victim | final (of clean) | best | clean final |",
-                  "|---|---|---:|---|---:|---:|---|---:|---:|---:|"]  # fmt: skip
-        for spec, e in rep["variants"].items():
+        for spec, e in json.loads(path.read_text())["variants"].items():
             for method, m in e["methods"].items():
-                for arch, v in m["victims"].items():
-                    c = e["clean"][arch]
-                    lines.append(
-                        f"| {e.get('suite', 'tune')} | {spec} ({e['size']} px {e['mode']}) | {e['train_images']} | {method} | {m['fit_steps'] or '-'} | "
-                        f"{m['fit_seconds'] + m['map_seconds']:.0f} | {arch} {e['victim_epochs']} ep | "
-                        f"{100 * v['final']:.1f} % ({v['final'] / c['final']:.2f}) | {100 * v['best']:.1f} % | {100 * c['final']:.1f} % |"
-                    )
+                rows.setdefault(e.get("suite", "tune"), {})[(spec, method)] = (e, m, path.name)
+    lines = []
+    for suite in ("tune", "confirm"):
+        if suite not in rows:
+            continue
+        archs = sorted({a for e, m, _ in rows[suite].values() for a in m["victims"]}, key=lambda a: a != "convnet")
+        lines += [f"**{suite}** suite: victim final accuracy on the clean test split (fraction of the clean victim's), best epoch after the slash", "",
+                  "| dataset | images | method | fit steps | fit + map (s) | " + " | ".join(archs) + " | clean " + " / ".join(archs) + " | file |",
+                  "|---|---:|---|---:|---:|" + "---:|" * len(archs) + "---:|---|"]  # fmt: skip
+        for (spec, method), (e, m, name) in rows[suite].items():
+            cells = []
+            for a in archs:
+                v, c = m["victims"].get(a), e["clean"].get(a)
+                cells.append(f"{100 * v['final']:.1f} % ({v['final'] / c['final']:.2f}) / {100 * v['best']:.1f}" if v else "-")
+            clean = " / ".join(f"{100 * e['clean'][a]['final']:.1f}" if a in e["clean"] else "-" for a in archs)
+            lines.append(f"| {spec} ({e['size']} px {e['mode']}) | {e['train_images']} | {method} | {m['fit_steps'] or '-'} | "
+                         f"{m['fit_seconds'] + m['map_seconds']:.0f} | " + " | ".join(cells) + f" | {clean} | `{name}` |")  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
