@@ -117,6 +117,7 @@ def run(args) -> dict:
         if old:
             entry["methods"] = {m: v for m, v in old.get("methods", {}).items() if m not in args.methods.split(",")}
         report["variants"][spec] = entry
+        out.write_text(json.dumps(report, indent=2, default=float))  # the clean victims, for runs side by side
         for method in args.methods.split(","):
             protector = make_protector(method, args.preset, 0)
             protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)

@@ -36,7 +36,7 @@ def test_protect_sem_on_a_grayscale_dataset_repo(tmp_path, grey_sample_repo):
     src = datasets.load_dataset(str(grey_sample_repo), split="train")
     out = tmp_path / "bm"
     cmd = [sys.executable, "-m", "uexamples.cli", "protect", "--dataset", str(grey_sample_repo),
-           "--method", "sem", "--train-steps", "4", "--epsilon", str(8 / 255), "--output", str(out), "--quiet"]
+           "--method", "sem", "--train-steps", "4", "--epsilon", "8/255", "--output", str(out), "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -70,3 +70,14 @@ def test_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
     assert code == 2 and message in err
     assert not (tmp_path / "o").exists(), "no partial output"
     assert "abc" not in err  # a bad key is never echoed
+
+
+def test_epsilon_as_a_fraction(capsys):
+    """--epsilon 8/255 as evaluate reads adv:8/255 (the grey CLI test above protects with it end to end);
+    a bad fraction is argparse's usage error naming the option."""
+    from uexamples.cli import build_parser
+
+    assert build_parser("sem").parse_args(["protect", "--method", "sem", "--output", "o", "--epsilon", "8/255"]).epsilon == 8 / 255
+    with pytest.raises(SystemExit) as exc:
+        build_parser("sem").parse_args(["protect", "--method", "sem", "--output", "o", "--epsilon", "8/0"])
+    assert exc.value.code == 2 and "--epsilon" in capsys.readouterr().err

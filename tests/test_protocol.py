@@ -51,6 +51,12 @@ def test_noise_independent_of_batch_size(small_ds, sem):
     assert (a != b).mean() < 0.01 and np.abs(a - b).max() <= 16
 
 
+def test_map_without_batched_says_to_add_it(small_ds, sem):
+    """datasets' habit is batched=False: the error names the fix instead of failing deep inside on a PIL image."""
+    with pytest.raises(TypeError, match=r"batched=True"):
+        small_ds.select(range(2)).map(sem, load_from_cache_file=False)
+
+
 @pytest.mark.parametrize("noise_type", ["sample-wise", "class-wise"])
 def test_em_variants_deterministic(small_ds, noise_type):
     make = lambda: ue.EMProtect(seed=3, noise_type=noise_type, **TINY_MINMIN).fit(small_ds, progress=False)  # noqa: E731

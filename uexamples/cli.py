@@ -24,7 +24,7 @@ import datasets
 from . import __version__
 from .core.columns import ColumnError
 from .core.images import ImageDecodeError
-from .core.options import cli_fields, field_help, field_type, secret_fields
+from .core.options import cli_fields, field_help, field_type, number, secret_fields
 from .core.registry import get_method, list_methods
 from .evaluation.metrics import dataset_quality
 from .outputs import OutputError, OutputLock, check_output, move_into_place, partial_dir
@@ -87,7 +87,7 @@ def secret_values(klass: type, args: argparse.Namespace) -> dict[str, Any]:
         try:
             values[f.name] = convert(raw)
         except ValueError:
-            kind = {int: "an integer", float: "a number"}.get(convert, "valid")
+            kind = {int: "an integer", number: "a number"}.get(convert, "valid")
             raise CLIError(f"the {klass.method.upper()} {f.name} must be {kind}") from None  # never echo the value
     return values
 

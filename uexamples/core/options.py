@@ -74,7 +74,25 @@ def field_type(f: dataclasses.Field) -> Callable[[str], Any]:
         return parse
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     first = kind.split("|")[0].strip()  # "int | None" -> int
-    return {"bool": bool, "int": int, "float": float}.get(first, str)
+    return {"bool": bool, "int": int, "float": number}.get(first, str)
 
 
-__all__ = ["option", "check_int", "cli_fields", "secret_fields", "field_help", "field_type"]
+def number(text: str) -> float:
+    """A float from the command line, fractions included: ``"8/255"``, ``"0.03"``, ``"1e-3"`` (as ``evaluate``
+    reads ``adv:8/255``).
+
+    >>> number("8/255") == 8 / 255, number("0.5")
+    (True, 0.5)
+    """
+    try:
+        return float(text)
+    except ValueError:
+        from fractions import Fraction
+
+        try:
+            return float(Fraction(str(text).strip()))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"not a number: {text!r}") from None
+
+
+__all__ = ["option", "check_int", "cli_fields", "secret_fields", "field_help", "field_type", "number"]

@@ -221,6 +221,9 @@ class Protector:
             )
         image_col, label_col, text_col = self._batch_columns(batch)
         cells = batch[image_col]
+        if not isinstance(cells, (list, tuple)):  # one row: ds.map(protector) without batched=True
+            raise TypeError(f"{type(self).__name__} protects batches: use ds.map(protector, batched=True) "
+                            f"(it got one row, whose {image_col!r} is a {type(cells).__name__})")  # fmt: skip
         if len(cells) == 0:
             return batch
         rows = list(indices) if indices is not None else [None] * len(cells)
