@@ -284,3 +284,16 @@ def test_unsupported_mode_is_clear():
                                     features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=2)}))
     with pytest.raises(ue.ImageDecodeError, match="mode 'F'"):
         ds.map(ue.CUDAProtect(key=1, allow_weak_key=True, num_classes=2), batched=True)
+
+
+def test_progress_bars_follow_the_datasets_switch(small_ds, capfd):
+    """datasets.disable_progress_bars() (or HF_DATASETS_DISABLE_PROGRESS_BARS=1) silences uexamples' bars too."""
+    fit = dict(seed=0, **TINY_MINMIN)
+    ue.SEMProtect(**fit).fit(small_ds, progress=True)  # the test session runs with datasets' bars off
+    assert "Fitting" not in capfd.readouterr().err
+    datasets.enable_progress_bars()
+    try:
+        ue.SEMProtect(**fit).fit(small_ds, progress=True)
+    finally:
+        datasets.disable_progress_bars()
+    assert "Fitting SEM surrogate" in capfd.readouterr().err

@@ -11,10 +11,10 @@ from typing import Sequence
 import datasets
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .additive import to_working
 from .images import NativeImage, load_pil, upright_size
+from .progress import progress_bar
 
 
 @dataclass
@@ -41,7 +41,7 @@ def load_split(
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     raw = dataset.cast_column(image_column, datasets.Image(decode=False))
     xs, greys, ys = [], [], []
-    bar = tqdm(total=len(idx), desc=desc, unit="img", disable=not progress)
+    bar = progress_bar(total=len(idx), desc=desc, unit="img", progress=progress)
     for start in range(0, len(idx), chunk):
         rows_idx = idx[start : start + chunk]
         rows = raw[rows_idx.tolist()]

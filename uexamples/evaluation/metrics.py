@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.images import NativeImage, load_pil
+from ..core.progress import progress_bar
 
 
 def psnr(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
@@ -118,7 +118,7 @@ def dataset_quality(
     raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
     limit = len(raw_o) if limit is None else limit
     linf, rows = 0, []
-    bar = tqdm(total=len(raw_o), desc="Measuring image quality", unit="img", disable=not progress)
+    bar = progress_bar(total=len(raw_o), desc="Measuring image quality", unit="img", progress=progress)
     for start in range(0, len(raw_o), 500):
         cells_o = raw_o[start : start + 500][image_column]
         cells_p = raw_p[start : start + 500][image_column]

@@ -17,11 +17,11 @@ import datasets
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..core.augment import BatchRandom, random_crop_flip
 from ..core.columns import detect_columns
 from ..core.loading import load_split
+from ..core.progress import progress_bar
 from ..surrogates import BUILTIN, transformers_from_config
 from .countermeasures import Countermeasure
 from .metrics import balanced_accuracy, macro_auc
@@ -157,7 +157,7 @@ def train_victim(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch))
     curve: list[float] = []
     start = time.time()
-    bar = tqdm(range(epochs), desc=desc, disable=not progress)
+    bar = progress_bar(range(epochs), desc=desc, progress=progress)
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x_all), generator=gen)

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.additive import NATIVE, AdditiveConfig, AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
@@ -38,6 +37,7 @@ from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import image_sizes, load_split
 from ..core.options import check_int, option
+from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 
 
@@ -398,8 +398,8 @@ class MinMinProtector(AdditiveProtector):
                 self.passes = state.passes
                 self._restore_fit_state(state.method_state)
         first = state.step
-        bar = tqdm(range(first, total), desc=f"Fitting {self.method.upper()} surrogate",
-                   disable=not progress or dp.rank != 0, initial=first, total=total)  # fmt: skip
+        bar = progress_bar(range(first, total), desc=f"Fitting {self.method.upper()} surrogate",
+                           progress=progress and dp.rank == 0, initial=first, total=total)  # fmt: skip
         for step in bar:
             if state.pos + bs > n:
                 state.order, state.pos = torch.randperm(n, generator=gen), 0

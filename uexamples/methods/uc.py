@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.additive import AdditiveConfig, AdditiveProtector, project_grey
 from ..core.batch import ProtectBatch
@@ -51,6 +50,7 @@ from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import load_split
 from ..core.options import check_int, option
+from ..core.progress import progress_bar
 from ..core.registry import register_method
 from ..surrogates.layer import DEFAULT_ENCODER, FeatureEncoder, load_encoder, rebuild_encoder
 
@@ -310,7 +310,7 @@ class UCProtect(AdditiveProtector):
         deltas = torch.zeros(cfg.clusters, 3, res, res)
         losses = torch.zeros(cfg.clusters)
         mine = [k for k in range(cfg.clusters) if k % dp.world == dp.rank]
-        bar = tqdm(total=len(mine), desc="Training cluster perturbations", unit="cluster", disable=not show)
+        bar = progress_bar(total=len(mine), desc="Training cluster perturbations", unit="cluster", progress=show)
         for k in mine:
             pool = torch.arange(len(x)) if cfg.train_on == "all" else (assign == k).nonzero().flatten()
             all_grey = bool(grey[pool].all())
@@ -340,7 +340,7 @@ class UCProtect(AdditiveProtector):
         mine = x[dp.rank * per : (dp.rank + 1) * per]
         bs, enc, out = int(self.config.batch_size), self.encoder(), []
         with torch.no_grad():
-            for i in tqdm(range(0, len(mine), bs), desc="Encoding images", unit="batch", disable=not show):
+            for i in progress_bar(range(0, len(mine), bs), desc="Encoding images", unit="batch", progress=show):
                 out.append(enc(mine[i : i + bs].to(self.device)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, 1)
 
