@@ -128,6 +128,9 @@ def test_a_built_wheel_carries_the_card_template_and_the_sample(tmp_path):
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("uexamples-*.whl")
+    import uexamples
+
+    assert wheel.name.startswith(f"uexamples-{uexamples.__version__}-")  # one source for the version
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                              capture_output=True, text=True, timeout=600)  # fmt: skip
