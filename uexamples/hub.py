@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from huggingface_hub import errors as hf_errors
+
 from .cards import render_card, source_license
 
 
-try:  # huggingface_hub >= 1 talks HTTP through httpx2; older versions through requests (OSError subclasses)
-    import httpx2
-
-    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (httpx2.HTTPError,)
-except ImportError:  # pragma: no cover
-    _TRANSPORT_ERRORS = ()
+# Transport errors as huggingface_hub exports them, whatever HTTP library it uses underneath (httpx2 in
+# huggingface_hub 2, requests before: errors.HTTPError is then absent and requests' errors are OSErrors).
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    e for e in (getattr(hf_errors, "HTTPError", None), hf_errors.HfHubHTTPError) if isinstance(e, type)
+)
 
 
 class PublishError(RuntimeError):

@@ -8,7 +8,6 @@ head (re-initialised when the number of classes differs); encoders (ViT, the CLI
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -107,7 +106,9 @@ def load_config(name: str, load_kwargs: dict) -> Any:
     """A model's config by Hub id or folder; a clear error offline or for a missing model."""
     from transformers import AutoConfig
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)  # huggingface_hub's own reading of HF_HUB_OFFLINE
     try:
         return AutoConfig.from_pretrained(name, **load_kwargs)
     except Exception as exc:
