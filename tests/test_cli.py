@@ -36,9 +36,10 @@ def test_protect_sem_on_a_grayscale_dataset_repo(tmp_path, grey_sample_repo):
     src = datasets.load_dataset(str(grey_sample_repo), split="train")
     out = tmp_path / "bm"
     cmd = [sys.executable, "-m", "uexamples.cli", "protect", "--dataset", str(grey_sample_repo),
-           "--method", "sem", "--train-steps", "4", "--epsilon", "8/255", "--output", str(out), "--quiet"]
+           "--method", "sem", "--train-steps", "4", "--epsilon", "8/255", "--output", str(out), "--verbose"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
+    assert "[uexamples] INFO: SEM fitted on 120 images" in res.stderr  # --verbose: uexamples' INFO log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 120 and summary["linf_levels"] <= 8
     # train_steps given: no fit-length rule; the resolution rule decided and is in the summary and the card

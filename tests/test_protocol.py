@@ -297,3 +297,20 @@ def test_progress_bars_follow_the_datasets_switch(small_ds, capfd):
     finally:
         datasets.disable_progress_bars()
     assert "Fitting SEM surrogate" in capfd.readouterr().err
+
+
+def test_uexamples_logger_and_verbosity(small_ds, caplog):
+    """ue.logging works like transformers' logging: INFO shows what a fit decided, WARNING (the default) hides it."""
+    logger = ue.logging.get_logger()
+    logger.addHandler(caplog.handler)
+    try:
+        ue.logging.set_verbosity_info()
+        ue.SEMProtect(seed=0, **TINY_MINMIN).fit(small_ds, progress=False)
+        assert f"SEM fitted on {len(small_ds)} images" in caplog.text and "resolution: native 32x32" in caplog.text
+        caplog.clear()
+        ue.logging.set_verbosity_warning()
+        ue.SEMProtect(seed=0, **TINY_MINMIN).fit(small_ds, progress=False)
+        assert "fitted" not in caplog.text
+    finally:
+        logger.removeHandler(caplog.handler)
+        ue.logging.set_verbosity_warning()

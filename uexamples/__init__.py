@@ -15,6 +15,7 @@ from .core import (  # noqa: E402
     get_method,
     list_methods,
 )
+from . import logging  # noqa: E402  (uexamples.logging: the library's logger and verbosity, as in transformers)
 from .data import load_sample_dataset  # noqa: E402
 from .evaluation import EvaluationReport, evaluate  # noqa: E402
 from .methods import CUDAProtect, EMProtect, REMProtect, SALMProtect, SEMProtect, UCProtect  # noqa: E402
@@ -27,6 +28,7 @@ def protector(method: str, **kwargs) -> Protector:
 
 __all__ = [
     "__version__",
+    "logging",
     "ColumnError",
     "ImageDecodeError",
     "NotFittedError",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import shutil
 import sys
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 import datasets
 
 from . import __version__
+from . import logging as ue_logging
 from .core.columns import ColumnError
 from .core.images import ImageDecodeError
 from .core.options import cli_fields, field_help, field_type, number, secret_fields
@@ -30,7 +30,6 @@ from .evaluation.metrics import dataset_quality
 from .outputs import OutputError, OutputLock, check_output, move_into_place, partial_dir
 from .preview import save_preview
 
-logger = logging.getLogger("uexamples")
 
 
 class CLIError(Exception):
@@ -293,7 +292,8 @@ def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAU
                    help="rows per datasets.map batch (default: from the image size, so that large photos fit in memory)")
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, errors only")
+    p.add_argument("--verbose", action="store_true", help="also log what the fit decided and measured (uexamples' INFO)")
     if method is not None:
         add_method_arguments(p, method_class(method))
 
@@ -343,9 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uexamples: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser(method).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.quiet:
         datasets.disable_progress_bars()
+        ue_logging.set_verbosity_error()
+    elif getattr(args, "verbose", False):
+        ue_logging.set_verbosity_info()
     try:
         return args.func(args)
     except (CLIError, ColumnError, ImageDecodeError, OutputError, ValueError, TypeError, FileNotFoundError) as exc:

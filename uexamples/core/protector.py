@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..logging import get_logger
 from .batch import ProtectBatch, at_row, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
 from .columns import TEXT_NAMES, ColumnError, Columns, detect_columns
 from .images import NativeImage, bound_levels, load_pil, restore_cell
 from .options import check_int, option, secret_fields
 from .registry import get_method, methods_without
 
-logger = logging.getLogger("uexamples")
+logger = get_logger(__name__)
 
 CONFIG_NAME = "protector_config.json"
 WEIGHTS_NAME = "protector.safetensors"
@@ -182,12 +183,20 @@ class Protector:
             self.num_classes = self._fit_num_classes(dataset, self._columns)
         self._accelerator = accelerator
         self._checkpoint = (checkpoint_dir, checkpoint_every) if checkpoint_dir is not None else None
+        started = time.time()
         try:
             self._fit(dataset, self._columns, progress=progress)
         finally:
             self._accelerator = None
             self._checkpoint = None
         self.fitted = True
+        stats = getattr(self, "fit_stats", None) or {}
+        done = f"; {stats['steps']} steps" if stats.get("steps") is not None else ""
+        if stats.get("train_accuracy") is not None:
+            done += f", surrogate accuracy on noisy data {stats['train_accuracy']:.3f}"
+        rules = "".join(f"; {name}: {decision}" for name, decision in self.rules.items())
+        logger.info("%s fitted on %d images in %.1f s%s%s", self.method.upper(), len(dataset), time.time() - started,
+                    done, rules)  # fmt: skip
         return self
 
     def _fit_num_classes(self, dataset: datasets.Dataset, columns: Columns) -> int:
