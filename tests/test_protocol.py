@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -77,6 +78,22 @@ def test_cuda_key_changes_output(small_ds):
     c = small_ds.map(ue.CUDAProtect(key=12, allow_weak_key=True, num_classes=10), batched=True, load_from_cache_file=False)
     assert png_bytes(a) == png_bytes(b)
     assert not np.array_equal(pixels(a), pixels(c))
+
+
+def test_cuda_needs_no_fit_and_grows_its_filters_with_the_labels(small_ds):
+    """CUDAProtect(key=...) maps without fit or num_classes: the filters are built up to the largest label
+    seen, batch by batch, and equal the fitted protector's (class c's filter depends only on the key and
+    the classes before it). Catches filters rebuilt differently when more classes turn up."""
+    key = 2**61 + 12345
+    by_label = small_ds.sort("label")  # the first batches hold the small labels only
+    lazy = ue.CUDAProtect(key=key)
+    a = by_label.map(lazy, batched=True, batch_size=8, load_from_cache_file=False)
+    b = by_label.map(ue.CUDAProtect(key=key).fit(small_ds, progress=False), batched=True, load_from_cache_file=False)
+    assert png_bytes(a) == png_bytes(b)
+    assert len(lazy.filters) == max(small_ds["label"]) + 1
+    worker = pickle.loads(pickle.dumps(ue.CUDAProtect(key=key)))  # what num_proc sends: no key, no filters
+    with pytest.raises(RuntimeError, match="num_classes="):
+        small_ds.select(range(4)).map(worker, batched=True, load_from_cache_file=False)
 
 
 def test_cuda_is_the_papers_filter(small_ds):
