@@ -82,3 +82,14 @@ def test_epsilon_as_a_fraction(capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser("sem").parse_args(["protect", "--method", "sem", "--output", "o", "--epsilon", "8/0"])
     assert exc.value.code == 2 and "--epsilon" in capsys.readouterr().err
+
+
+def test_cli_errors_speak_in_options(tmp_path, capsys):
+    """The library says `label_column=`; the command line says `--label-column`."""
+    import uexamples as ue
+
+    ue.load_sample_dataset().select(range(8)).remove_columns("label").save_to_disk(str(tmp_path / "nolabels"))
+    code = main(["protect", "--dataset", str(tmp_path / "nolabels"), "--method", "sem", "--output", str(tmp_path / "o"),
+                 "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--label-column" in err and "label_column=" not in err

@@ -346,3 +346,20 @@ def test_readme_evaluate_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "eval" / "curves.png").is_file() and (tmp_path / "eval" / "table.md").is_file()
+
+
+@pytest.mark.unit
+def test_report_warns_when_the_clean_victim_learned_nothing():
+    """A clean baseline at chance makes protected / clean meaningless: the table says so (and only then)."""
+    from uexamples.evaluation.evaluate import EvaluationReport
+
+    def side(acc, balanced):
+        return {"final_mean": acc, "best_mean": acc, "balanced_mean": balanced, "auc_mean": 0.5}
+
+    def report(clean_balanced):
+        result = {"countermeasure": "standard", "num_classes": 10, "ratio": 0.94,
+                  "protected": side(0.10, 0.10), "clean": side(0.11, clean_balanced)}  # fmt: skip
+        return EvaluationReport(config={"victim": "tinycnn", "epochs": 1, "seeds": [0]}, quality=None, results=[result])
+
+    assert "learned almost nothing" in report(0.12).to_markdown()
+    assert "Warning" not in report(0.40).to_markdown()

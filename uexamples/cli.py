@@ -351,8 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CLIError, ColumnError, ImageDecodeError, OutputError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"uexamples: error: {exc}", file=sys.stderr)
+        print(f"uexamples: error: {as_options(str(exc))}", file=sys.stderr)
         return 2
+
+
+def as_options(message: str) -> str:
+    """The library's advice in command-line words: ``pass label_column=`` -> ``pass --label-column``."""
+    import re
+
+    return re.sub(r"\b(\w+_column)=", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -166,6 +166,13 @@ class EvaluationReport:
                 f"{fmt(r['clean'], 'final')} | {fmt(r['clean'], 'best')} | {ratio} | "
                 f"{pair(r, 'balanced', percent=True)} | {pair(r, 'auc', percent=False)} |"
             )
+        for r in self.results:  # a clean victim at chance learned nothing: its ratio proves nothing either
+            clean, k = (r["clean"] or {}).get("balanced_mean"), r.get("num_classes")
+            if clean is not None and k and np.isfinite(clean) and clean <= 1 / k + 0.05:
+                lines += ["", f"**Warning** ({r['countermeasure']}): the victim trained on clean data reached a balanced "
+                          f"accuracy of {100 * clean:.1f} % (chance {100 / k:.1f} %): it learned almost nothing, so the "
+                          "protected / clean ratio says nothing about the protection. Train longer (epochs=) or with "
+                          "more data before reading it."]  # fmt: skip
         if self.quality:
             q = self.quality
             lines += [
