@@ -79,54 +79,45 @@ def load_pil(value: Any, row: int | None = None) -> PIL.Image.Image:
 
 def upright_size(value: Any, row: int | None = None) -> tuple[int, int]:
     """(width, height) of an image cell as :func:`load_pil` would return it (EXIF orientation applied),
-    read from the file header: nothing is decoded. A cell that cannot be opened raises as ``load_pil`` does."""
+    read from the file header: no pixel is decoded. A cell that cannot be opened raises as ``load_pil`` does."""
+    img = _open(value, f"row {row}" if row is not None else "an image")
     try:
-        if isinstance(value, np.ndarray):
-            return int(value.shape[1]), int(value.shape[0])
-        if isinstance(value, PIL.Image.Image):
-            img = value
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            img = PIL.Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            img = PIL.Image.open(value["path"])
-        elif isinstance(value, str):
-            img = PIL.Image.open(value)
-        else:
-            return load_pil(value, row).size
-        w, h = img.size
         orientation = img.getexif().get(ORIENTATION, 1)
-    except Exception:
-        return load_pil(value, row).size  # the decoder's own error, naming the row
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    except Exception:  # an unreadable EXIF block: upright() applies nothing either
+        orientation = 1
+    w, h = img.size
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)  # the orientations that turn the image a quarter
 
 
-def _decode(value: Any, where: str) -> PIL.Image.Image:
+def _open(value: Any, where: str) -> PIL.Image.Image:
+    """A datasets image cell as a PIL image whose pixels are not read yet (files: the header only)."""
     try:
         if isinstance(value, PIL.Image.Image):
-            value.load()
             return value
         if isinstance(value, dict):
             if value.get("bytes") is not None:
-                img = PIL.Image.open(io.BytesIO(value["bytes"]))
-            elif value.get("path"):
-                img = PIL.Image.open(value["path"])
-            else:
-                raise ValueError("the cell has neither bytes nor a path")
-            img.load()
-            return img
+                return PIL.Image.open(io.BytesIO(value["bytes"]))
+            if value.get("path"):
+                return PIL.Image.open(value["path"])
+            raise ValueError("the cell has neither bytes nor a path")
         if isinstance(value, str):
-            img = PIL.Image.open(value)
-            img.load()
-            return img
+            return PIL.Image.open(value)
         if isinstance(value, np.ndarray):
             return PIL.Image.fromarray(value)
-    except ImageDecodeError:
-        raise
     except Exception as exc:  # PIL raises many types for bad bytes
         raise ImageDecodeError(f"cannot decode the image at {where}: {type(exc).__name__}: {exc}") from exc
     if value is None:
         raise ImageDecodeError(f"the image at {where} is missing (None)")
     raise ImageDecodeError(f"the image at {where} has an unsupported type {type(value).__name__}")
+
+
+def _decode(value: Any, where: str) -> PIL.Image.Image:
+    img = _open(value, where)
+    try:
+        img.load()
+    except Exception as exc:  # truncated or corrupt pixel data behind a readable header
+        raise ImageDecodeError(f"cannot decode the image at {where}: {type(exc).__name__}: {exc}") from exc
+    return img
 
 
 @dataclass
