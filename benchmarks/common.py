@@ -62,10 +62,12 @@ def make_protector(spec: str, preset: str, seed: int, device: str | None = None,
 
 
 def fit_input(protector, train):
-    """What ``protector.fit`` gets: a label-free method never sees the labels (only the image column is kept)."""
+    """What ``protector.fit`` gets: a label-free method never sees the labels (only the image column is kept,
+    and the captions for a method that needs them)."""
     if protector.needs_labels:
         return train
-    return train.remove_columns([c for c in train.column_names if c != "image"])
+    keep = {"image", protector.columns_for(train.features).text} if protector.needs_texts else {"image"}
+    return train.remove_columns([c for c in train.column_names if c not in keep])
 
 
 def fit_and_map(protector, train, progress: bool = False, batch_size: int = 512, **map_kwargs):

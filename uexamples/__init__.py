@@ -17,8 +17,8 @@ from .core import (  # noqa: E402
 )
 from . import logging  # noqa: E402  (uexamples.logging: the library's logger and verbosity, as in transformers)
 from .data import load_sample_dataset  # noqa: E402
-from .evaluation import EvaluationReport, evaluate  # noqa: E402
-from .methods import CUDAProtect, EMProtect, REMProtect, SALMProtect, SEMProtect, UCProtect  # noqa: E402
+from .evaluation import EvaluationReport, RetrievalReport, evaluate, evaluate_retrieval  # noqa: E402
+from .methods import CUDAProtect, EMProtect, MEMProtect, REMProtect, SALMProtect, SEMProtect, UCProtect  # noqa: E402
 
 
 def protector(method: str, **kwargs) -> Protector:
@@ -38,6 +38,8 @@ __all__ = [
     "load_sample_dataset",
     "evaluate",
     "EvaluationReport",
+    "evaluate_retrieval",
+    "RetrievalReport",
     "protector",
     "CUDAProtect",
     "UCProtect",
@@ -45,4 +47,5 @@ __all__ = [
     "REMProtect",
     "SEMProtect",
     "SALMProtect",
+    "MEMProtect",
 ]

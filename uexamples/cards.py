@@ -112,6 +112,8 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         bibtex=bibtex,
         method_notes=method_notes(method, cfg),
         rules=summary.get("rules") or {},
+        image_column=(summary.get("columns") or {}).get("image") or "image",
+        text_column=(summary.get("columns") or {}).get("text"),
     )
     data = DatasetCardData(**{k: v for k, v in meta.items() if k in ("license", "tags", "source_datasets")},
                            uexamples=meta["uexamples"], pretty_name=Path(source).name + " (protected)")  # fmt: skip

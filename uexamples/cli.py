@@ -134,6 +134,7 @@ def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Datas
             **timings,
             "config": protector.public_config(),
             "rules": protector.rules,
+            "columns": {"image": columns.image, "label": columns.label, "text": columns.text},
             "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
             **quality,
         }
@@ -212,6 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lr=args.lr,
         image_column=args.image_column,
         label_column=args.label_column,
+        text_column=args.text_column,
         relabel=[r.strip() for r in args.relabel.split(",") if r.strip()] if args.relabel else None,
         device=args.device or "auto",
         progress=not args.quiet,
@@ -316,14 +318,16 @@ def build_parser(method: str | None = DEFAULT_METHOD) -> argparse.ArgumentParser
     e.add_argument("--test", help="the clean test set (default: the clean dataset)")
     e.add_argument("--test-config")
     e.add_argument("--test-split", default="test")
-    e.add_argument("--victim", default="convnet", help="convnet, resnet18, vit, or a transformers config id/folder")
+    e.add_argument("--victim", help="classifiers: convnet (default), resnet18, vit, or a transformers config id/folder; "
+                   "captioned data without labels: clip-vit (default) or clip-conv, scored by retrieval")  # fmt: skip
     e.add_argument("--countermeasures", default="standard",
                    help="comma-separated: standard, cutout, mixup, grayscale, jpeg:10, bitdepth:2, blur:1, adv:8/255, partial:0.5")  # fmt: skip
-    e.add_argument("--epochs", type=int, default=15)
+    e.add_argument("--epochs", type=int, help="default 15 (classifiers), 30 (retrieval victims)")
     e.add_argument("--seeds", default="0", help="comma-separated victim seeds")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--batch-size", type=int, help="default 128 (classifiers), 64 (retrieval victims)")
     e.add_argument("--lr", type=float)
     e.add_argument("--image-column")
+    e.add_argument("--text-column", help="the caption column of image-text data (default: caption/text/...)")
     e.add_argument("--label-column", help="train the victim on this label column (label-agnostic check)")
     e.add_argument("--relabel", help="also train victims on these relabellings the protector never saw (comma-separated; "
                    "built-in: " + ", ".join(_relabel_names()) + ")")  # fmt: skip

@@ -33,6 +33,7 @@ from ..core.columns import detect_columns
 from ..core.loading import load_split
 from .countermeasures import Countermeasure, PartialProtection, parse_countermeasures
 from .metrics import dataset_quality
+from .retrieval import RetrievalReport, evaluate_retrieval
 from .victim import VictimResult, VictimSpec, train_victim
 
 
@@ -280,27 +281,31 @@ def evaluate(
     protected: datasets.Dataset,
     test: datasets.Dataset,
     clean: datasets.Dataset | None = None,
-    victim: VictimSpec = "convnet",
+    victim: VictimSpec | None = None,
     countermeasures: str | Iterable[str | Countermeasure] = ("standard",),
-    epochs: int = 15,
+    epochs: int | None = None,
     seeds: Sequence[int] = (0,),
-    batch_size: int = 128,
+    batch_size: int | None = None,
     lr: float | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
     relabel: str | Relabel | Sequence[str | Relabel] | None = None,
     num_classes: int | None = None,
-    resolution: int = 32,
+    resolution: int | None = None,
     device: str | None = "auto",
     quality: bool = True,
     progress: bool = True,
-) -> EvaluationReport:
+    text_column: str | None = None,
+) -> EvaluationReport | RetrievalReport:
     """Train victims on ``protected`` (and on ``clean``, same run) and score them on ``test``.
 
     protected / clean: the training split after and before protection (rows aligned; ``clean`` is
         needed for the baseline, the image-quality numbers and ``partial``).
     test: the clean test split.
-    victim: "convnet" (CPU), "resnet18" (the papers'), "vit", any transformers config, or a callable.
+    victim: "convnet" (CPU, the default), "resnet18" (the papers'), "vit", any transformers config, or a callable.
+        Captioned data without class labels gets retrieval victims instead (``evaluate_retrieval``:
+        "clip-vit" by default, or "clip-conv"; 30 epochs, batch 64, 64 px unless set) and a ``RetrievalReport``.
+    epochs / batch_size / resolution: default 15 / 128 / 32 px for classifier victims.
     countermeasures: see ``uexamples.evaluation.countermeasures``: "standard", "cutout", "mixup",
         "grayscale", "jpeg:10", "bitdepth:2", "blur:1", "adv:4/255", "adv:8/255", "partial:0.5".
     label_column: train and score the victim on another label column than the one the protector saw.
@@ -310,6 +315,19 @@ def evaluate(
         each relabelling (``results[i]["labels"]``), clean and protected alike.
     seeds: one victim per seed; results are mean +- std over seeds.
     """
+    try:
+        found = detect_columns(protected.features, image_column, label_column, text_column)
+    except Exception as exc:
+        raise EvaluationError(f"protected set: {exc}") from exc
+    if found.label is None and found.text is not None:  # image-caption pairs: CLIP-style victims, retrieval metrics
+        if relabel is not None or num_classes is not None:
+            raise EvaluationError("relabel= and num_classes= are for class labels; this dataset has captions and no labels")
+        return evaluate_retrieval(
+            protected, test, clean, victim=victim or "clip-vit", countermeasures=countermeasures, epochs=epochs or 30,
+            seeds=seeds, batch_size=batch_size or 64, lr=lr or 5e-4, image_column=image_column, text_column=found.text,
+            resolution=resolution or 64, device=device, quality=quality, progress=progress,
+        )  # fmt: skip
+    victim, epochs, batch_size, resolution = victim or "convnet", epochs or 15, batch_size or 128, resolution or 32
     cms = parse_countermeasures(countermeasures)
     seeds = list(seeds)
     if not seeds:

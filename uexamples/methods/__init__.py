@@ -2,10 +2,11 @@
 
 from .cuda import CUDAProtect
 from .em import EMProtect
+from .mem import MEMProtect
 from .minmin import MinMinConfig, MinMinProtector
 from .rem import REMProtect
 from .salm import SALMProtect
 from .sem import SEMProtect
 from .uc import UCProtect
 
-__all__ = ["CUDAProtect", "EMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SALMProtect", "SEMProtect", "UCProtect"]
+__all__ = ["CUDAProtect", "EMProtect", "MEMProtect", "MinMinConfig", "MinMinProtector", "REMProtect", "SALMProtect", "SEMProtect", "UCProtect"]

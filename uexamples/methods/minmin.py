@@ -140,13 +140,16 @@ class MinMinProtector(AdditiveProtector):
       class labels; a contrastive method overrides it);
     - :meth:`noise_step` and :meth:`project`: one update of the noise and its projection onto the
       allowed set (an L-inf sign step and a clamp; a sparse-mask method overrides ``project``);
-    - :meth:`_fit_noise`, :meth:`_prepare_fit`, :meth:`_fit_state`: method state over the fit (class-wise EM).
+    - :meth:`_fit_noise`, :meth:`_prepare_fit`, :meth:`_fit_state`: method state over the fit (class-wise EM);
+    - :meth:`_build_surrogate`, :meth:`_load_training_tensors`, :meth:`targets_for`, :meth:`batch_correct`:
+      what is trained and what its targets are (class labels; a contrastive method: a CLIP and captions).
     """
 
     config_class = MinMinConfig
     needs_fit = True
     needs_labels = True
     adversarial_training = True  # model phase on PGD examples (REM, SEM); EM trains on t(x + delta)
+    surrogate_class: Any = Surrogate  # what _load_fitted rebuilds (a contrastive method: ContrastiveSurrogate)
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         module = None
@@ -266,8 +269,12 @@ class MinMinProtector(AdditiveProtector):
             self._runtime["arrays_cache"] = arrays
         return arrays
 
+    def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> Surrogate:
+        """The surrogate a fit trains: a classifier over the dataset's classes (a contrastive method overrides it)."""
+        return Surrogate.build(spec, self.num_classes, trust_remote_code=self.config.trust_remote_code)
+
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        surrogate = Surrogate.rebuild(meta["surrogate"], arrays, self._surrogate_module).to(self.device)
+        surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._surrogate_module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
                              rules=dict(meta.get("rules") or {}))  # fmt: skip
@@ -281,6 +288,10 @@ class MinMinProtector(AdditiveProtector):
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """The loss the noise minimises and the surrogate trains on: cross-entropy on class labels."""
         return F.cross_entropy(outputs, targets, reduction=reduction)
+
+    def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
+        """How many rows of a fit batch the surrogate gets right (its running accuracy; top-1 class)."""
+        return int((outputs.argmax(1) == targets).sum())
 
     def _mean_objective(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.objective(outputs, targets, reduction="mean")
@@ -314,7 +325,7 @@ class MinMinProtector(AdditiveProtector):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, rnd, draws: int
     ) -> torch.Tensor:
         """Gradient of the objective with respect to ``delta``, summed over J transformation draws (one batch)."""
-        y_rep = y.repeat(draws)
+        y_rep = y.repeat(draws, *([1] * (y.dim() - 1)))  # J copies of the targets, like the images (any shape)
         delta = delta.detach().requires_grad_(True)
         xt = random_crop_flip((x + delta).clamp(0, 1).repeat(draws, 1, 1, 1), rnd)
         xt = self.robust_inputs(model, xt, y_rep, rnd, draws)
@@ -367,13 +378,13 @@ class MinMinProtector(AdditiveProtector):
         dp = DataParallel(self._accelerator, int(cfg.fit_shards))
         torch.manual_seed(cfg.seed)  # weight initialisation (the same on every process)
         spec = self._surrogate_module if self._surrogate_module is not None else cfg.surrogate
-        surrogate = Surrogate.build(spec, self.num_classes, trust_remote_code=cfg.trust_remote_code)
+        surrogate = self._build_surrogate(spec, dataset, columns)
         self._runtime = {"surrogate": surrogate, "dp": dp}
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)
         dev = self.device
         model = surrogate.to(dev).model
         gen = torch.Generator().manual_seed(cfg.seed)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt = self.make_optimizer(model)
         train_model, opt, model = dp.prepare(model, opt)
         surrogate.model = model
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.lr_decay_every), gamma=cfg.lr_decay)
@@ -435,6 +446,11 @@ class MinMinProtector(AdditiveProtector):
         dp = self._runtime.get("dp")
         return dp.sum(t) if dp is not None else t
 
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The surrogate's optimiser: SGD with momentum, as the papers train their classifiers."""
+        cfg = self.config
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """Hook for class-wise noise (allocated once for the whole fit)."""
 
@@ -483,7 +499,7 @@ class MinMinProtector(AdditiveProtector):
                 logits = train_model(xt[rows])
                 loss = self.objective(logits, y[rows], reduction="mean") * (dp.world / dp.shards)  # DDP averages
                 loss.backward()
-            correct += int((logits.argmax(1) == y[rows]).sum())
+            correct += self.batch_correct(logits.detach(), y[rows])
         for m, mom in zip(norms, momenta):
             m.momentum = mom
         opt.step()
