@@ -226,3 +226,26 @@ def test_cli_protects_and_evaluates_a_captioned_repo_and_the_card_says_captions_
                  "--epochs", "1", "--batch-size", "8", "--output", str(tmp_path / "eval"), "--quiet"]) == 0  # fmt: skip
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["chance"]["t2i_r1"] == pytest.approx(1 / 16) and report["config"]["victim"] == "clip-conv"
+
+
+def test_text_triggers_rewrite_captions_consistently_and_the_card_says_so(tmp_path, pairs):
+    from uexamples.cards import render_card
+
+    protector = ue.MEMProtect(seed=0, text_triggers=2, **TINY_MEM).fit(pairs, progress=False)
+    out = pairs.map(protector, batched=True, batch_size=5)
+    for new, old in zip(out["caption"], pairs["caption"]):
+        prefixes = {n[: len(n) - len(o)] for n, o in zip(new, old)}
+        assert len(new) == len(old) and all(n.endswith(" " + o) for n, o in zip(new, old))
+        assert len(prefixes) == 1 and len(next(iter(prefixes)).split()) == 2  # one 2-word trigger per image
+    assert len({c[0].split()[:2].__str__() for c in out["caption"]}) > 1  # images get different triggers
+    protector.save_pretrained(tmp_path / "p")
+    again = pairs.map(ue.Protector.from_pretrained(tmp_path / "p"), batched=True)
+    assert again["caption"] == out["caption"]
+    assert all((a == b).all() for a, b in zip(_pixels(out), _pixels(again)))
+    unseen = captioned(3, seed=9)
+    first, second = unseen.map(protector, batched=True), unseen.map(protector, batched=True)
+    assert first["caption"] == second["caption"] != unseen["caption"]
+    summary = {"method": "mem", "config": protector.public_config(), "columns": {"image": "image", "text": "caption"},
+               "images": 16, "source": {"dataset": "x", "split": "train"}}  # fmt: skip
+    card = render_card(summary, "me/x", "cc-by-4.0")
+    assert "were changed as said below" in card and "2 trigger words" in card and "byte for byte" not in card

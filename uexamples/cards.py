@@ -37,6 +37,16 @@ def method_notes(method: str, config: dict[str, Any]) -> list[str]:
         return []
 
 
+def captions_changed(method: str, config: dict[str, Any]) -> bool:
+    """Whether the method, with this config, rewrote the captions (MEM's text triggers)."""
+    from .core.registry import get_method
+
+    try:
+        return bool(get_method(method).rewrites_captions(config))
+    except ValueError:
+        return False
+
+
 def source_license(source: str | None) -> str:
     """The license in the source dataset's card (a local folder or a Hub id), else ``"unknown"``."""
     if source is None:
@@ -114,6 +124,7 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         rules=summary.get("rules") or {},
         image_column=(summary.get("columns") or {}).get("image") or "image",
         text_column=(summary.get("columns") or {}).get("text"),
+        captions_changed=captions_changed(method, cfg),
     )
     data = DatasetCardData(**{k: v for k, v in meta.items() if k in ("license", "tags", "source_datasets")},
                            uexamples=meta["uexamples"], pretty_name=Path(source).name + " (protected)")  # fmt: skip

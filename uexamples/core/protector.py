@@ -239,12 +239,14 @@ class Protector:
         labels = self._read_labels(batch, label_col, rows)
         texts = [caption_of(v, r) for v, r in zip(batch[text_col], rows)] if text_col is not None else None
         out_cells: list[Any] = [None] * len(cells)
+        out_texts: list[Any] | None = None  # captions a method rewrote (MEM's text triggers); else untouched
         cfg = self.config
         chunk: list[int] = []
         natives: dict[int, NativeImage] = {}
         pixels = 0
 
         def flush() -> None:
+            nonlocal out_texts
             part = ProtectBatch(
                 images=[natives[i] for i in chunk],
                 labels=None if labels is None else [labels[i] for i in chunk],
@@ -255,6 +257,11 @@ class Protector:
             for i, color in zip(chunk, self.protect_batch(part)):
                 nat = natives.pop(i)
                 out_cells[i] = restore_cell(cells[i], nat.to_pil(color, self.bound_for(nat)))
+            changed = self.changed_captions(part)
+            if changed is not None:
+                out_texts = out_texts or list(batch[text_col])
+                for i, caption in zip(chunk, changed):
+                    out_texts[i] = caption
             chunk.clear()
 
         # images are decoded one chunk at a time: at most batch_size rows and batch_pixels pixels in memory
@@ -270,6 +277,8 @@ class Protector:
         flush()
         out = dict(batch)
         out[image_col] = out_cells
+        if out_texts is not None:
+            out[text_col] = out_texts
         return out
 
     def apply(self, dataset: datasets.Dataset, **map_kwargs: Any) -> datasets.Dataset:
@@ -325,6 +334,16 @@ class Protector:
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
         """Lines the dataset card adds under "What was done" for this method (``config``: the public config)."""
         return []
+
+    @classmethod
+    def rewrites_captions(cls, config: dict[str, Any]) -> bool:
+        """Whether this method, with this (public) config, changes the captions (the card says so)."""
+        return False
+
+    def changed_captions(self, batch: ProtectBatch) -> list[Any] | None:
+        """The captions of ``batch`` as this method rewrites them (same shape: a string or a list per row),
+        called after :meth:`protect_batch`; None (the default): captions pass through untouched."""
+        return None
 
     # ------------------------------------------------------------------ to implement
     def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:

@@ -39,13 +39,14 @@ import datasets
 import numpy as np
 import torch
 
-from ..core.batch import ProtectBatch, caption_of
+from ..core.batch import ProtectBatch, caption_of, sample_key
+from ..core.images import NativeImage, load_pil
 from ..core.columns import Columns
 from ..core.loading import load_split
 from ..core.options import check_int, option
 from ..core.registry import register_method
 from ..logging import get_logger
-from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions
+from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, with_triggers
 from .minmin import MinMinConfig, MinMinProtector
 
 logger = get_logger(__name__)
@@ -59,6 +60,9 @@ class MEMConfig(MinMinConfig):
                             "fit, no download), a transformers CLIPModel Hub id or folder, or a PixelCLIP module")  # fmt: skip
     captions_per_image: int = option(5, "captions of an image used together (cycled when it has fewer, cut when more)")
     map_negatives: int = option(256, "training captions the final pass contrasts each image with (fixed at fit time)")
+    text_triggers: int = option(0, "trigger words put before every caption of an image, bound to its noise (MEM's text "
+                                "triggers, 3-5 in the paper; HotFlip-optimised during the fit). 0: captions untouched")  # fmt: skip
+    trigger_candidates: int = option(16, "HotFlip candidates tried per image and fit step")
 
 
 PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augmentation in the noise steps
@@ -98,6 +102,8 @@ class MEMProtect(MinMinProtector):
         super().validate_config()
         check_int(self.config, "captions_per_image")
         check_int(self.config, "map_negatives")
+        check_int(self.config, "text_triggers", minimum=0)
+        check_int(self.config, "trigger_candidates")
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
@@ -122,12 +128,100 @@ class MEMProtect(MinMinProtector):
         texts = dataset.select(indices.tolist())[columns.text]
         tokens = self._tokens([caption_of(t, int(r)) for t, r in zip(texts, indices)])
         # the bank of negatives for the final pass: a seeded sample of training captions, kept with the protector
-        pick = np.random.default_rng(self.config.seed).permutation(n)[: int(self.config.map_negatives)]
-        self._runtime["bank_tokens"] = tokens[np.sort(pick)]
+        pick = np.sort(np.random.default_rng(self.config.seed).permutation(len(tokens))[: int(self.config.map_negatives)])
+        self._runtime["bank_tokens"], self._runtime["bank_rows"] = tokens[pick], torch.from_numpy(pick)
+        if self.config.text_triggers:  # the map finds each fit image's trigger again by its per-sample key
+            raw = dataset.cast_column(columns.image, datasets.Image(decode=False)).select(indices.tolist())
+            self._runtime["fit_keys"] = torch.tensor(
+                [sample_key(NativeImage.from_pil(load_pil(c, row=int(r)), row=int(r)), self.config.seed)
+                 for c, r in zip(raw[columns.image], indices)], dtype=torch.int64)  # fmt: skip
         return split.images, split.grey, tokens
 
     def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
-        return self._tokens(batch.texts)
+        ids = self._tokens(batch.texts)
+        return self._with_triggers(ids, self._triggers_of(batch)) if self.config.text_triggers else ids
+
+    # ------------------------------------------------------------------ text triggers
+    def _with_triggers(self, ids: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        tok = self._runtime["surrogate"].tokenizer
+        return with_triggers(ids, triggers.to(ids.device), int(tok.eos_token_id), int(tok.pad_token_id or 0))
+
+    def _trigger_vocabulary(self) -> torch.Tensor:
+        """Token ids a trigger may use: every word of the surrogate's vocabulary but the special tokens."""
+        tok = self._runtime["surrogate"].tokenizer
+        special = set(tok.all_special_ids)
+        return torch.tensor([i for i in range(len(tok)) if i not in special])
+
+    def _triggers_of(self, batch: ProtectBatch) -> torch.Tensor:
+        """Each image's trigger: the one fitted for it (found by its per-sample key), else a seeded draw."""
+        table = self._runtime.get("trigger_table")
+        if table is None:
+            keys, trig = self._runtime["fit_keys"].tolist(), self._runtime["triggers"]
+            table = self._runtime["trigger_table"] = {k: trig[i] for i, k in enumerate(keys)}
+        vocab = self._trigger_vocabulary()
+        out = []
+        for key in batch.keys:
+            found = table.get(key)
+            if found is None:  # an image the fit never saw: a random trigger, the noise binds to it all the same
+                draw = np.random.default_rng(key).integers(0, len(vocab), int(self.config.text_triggers))
+                found = vocab[torch.from_numpy(draw)]
+            out.append(found)
+        return torch.stack(out)
+
+    def changed_captions(self, batch: ProtectBatch) -> list[Any] | None:
+        """With text triggers: every caption of an image starts with its trigger words."""
+        if not self.config.text_triggers:
+            return None
+        tok = self._runtime["surrogate"].tokenizer
+        out = []
+        for caption, trig in zip(batch.texts, self._triggers_of(batch)):
+            words = tok.decode(trig.tolist()).strip()
+            out.append(f"{words} {caption}" if isinstance(caption, str) else [f"{words} {c}" for c in caption])
+        return out
+
+    @classmethod
+    def rewrites_captions(cls, config: dict[str, Any]) -> bool:
+        return bool(config.get("text_triggers"))
+
+    @classmethod
+    def card_notes(cls, config: dict[str, Any]) -> list[str]:
+        n = int(config.get("text_triggers") or 0)
+        if not n:
+            return ["Label-free: only the captions were read; the noise ties each image to its own captions."]
+        return [f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
+                "the noise is bound to them, so a model trained on these pairs learns the triggers, not the pictures."]
+
+    def _hotflip(self, image_emb: torch.Tensor, ids: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
+        """One HotFlip update of each row's trigger: the first-order loss change of swapping one trigger word
+        for any word ranks ``trigger_candidates`` swaps per row; each is tried and the best kept per row."""
+        model = self._model()
+        emb = model.token_embedding()
+        captured: list[torch.Tensor] = []
+        hook = emb.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            text = model.encode_text(self._with_triggers(ids, triggers))
+        finally:
+            hook.remove()
+        loss = contrastive_loss(image_emb, text, model.scale, reduction="sum")
+        (g,) = torch.autograd.grad(loss, captured[0])
+        b, c, t = ids.shape[0], ids.shape[1], triggers.shape[1]
+        g = g.view(b, c, -1, g.shape[-1])[:, :, 1 : 1 + t].sum(1)  # (B, T, D): the trigger positions, all captions
+        vocab = self._trigger_vocabulary().to(g.device)
+        weight = emb.weight.detach()
+        gain = g @ weight[vocab].t() - (g * weight[triggers]).sum(-1, keepdim=True)  # (B, T, V): loss change
+        k = min(int(self.config.trigger_candidates), gain[0].numel())
+        top = gain.view(b, -1).topk(k, largest=False).indices
+        rows = torch.arange(b, device=g.device)
+        with torch.no_grad():
+            best = triggers.clone()
+            best_loss = contrastive_loss(image_emb, text.detach(), model.scale, reduction="none")
+            for j in range(k):
+                cand = triggers.clone()
+                cand[rows, top[:, j] // len(vocab)] = vocab[top[:, j] % len(vocab)]
+                cand_loss = contrastive_loss(image_emb, model.encode_text(self._with_triggers(ids, cand)), model.scale, reduction="none")
+                better = cand_loss < best_loss
+                best[better], best_loss = cand[better], torch.minimum(cand_loss, best_loss)
+        return best
 
     # ------------------------------------------------------------------ objective
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -180,26 +274,52 @@ class MEMProtect(MinMinProtector):
 
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """One noise per training image, kept across the fit (as the published loop keeps ``noise[index]``):
-        a fresh start at every step gives the surrogate no stable pattern to bind each caption to."""
+        a fresh start at every step gives the surrogate no stable pattern to bind each caption to.
+        With text triggers, one trigger per image too (random words to start with)."""
         eps = float(self.config.epsilon)
         self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
+        if self.config.text_triggers:
+            vocab = self._trigger_vocabulary()
+            draw = torch.randint(0, len(vocab), (len(x_all), int(self.config.text_triggers)), generator=gen)
+            self._runtime["triggers"] = vocab[draw]
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
-        return {"fit_noise": self._runtime["fit_noise"]}
+        state = {"fit_noise": self._runtime["fit_noise"]}
+        if self.config.text_triggers:
+            state["triggers"] = self._runtime["triggers"]
+        return state
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
         self._runtime["fit_noise"] = state["fit_noise"]
+        if "triggers" in state:
+            self._runtime["triggers"] = state["triggers"]
 
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
         cfg = self.config
         store = self._runtime["fit_noise"]
         delta = self.project(store[idx].to(x.device), x, grey)
+        if cfg.text_triggers:
+            # MEM's trick: the noise steps see the captions shuffled inside the batch, each row keeping its
+            # own image's trigger, so that the noise binds to the trigger rather than to the caption
+            triggers = self._runtime["triggers"]
+            shuffled = y[rnd.rand(1).view(-1).argsort().to(y.device)]
+            image_emb = model((x + delta).clamp(0, 1)).detach()
+            trig = self._hotflip(image_emb, shuffled, triggers[idx].to(y.device))
+            triggers[idx] = trig.cpu()
+            y = self._with_triggers(shuffled, trig)
         delta = self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
         store[idx] = delta.cpu()
         return delta
 
+    def model_targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The surrogate trains on each image's own captions, with its trigger when there are triggers."""
+        return self._with_triggers(y, self._runtime["triggers"][idx]) if self.config.text_triggers else y
+
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         self._runtime.pop("fit_noise", None)  # the map recomputes each image's noise against the final surrogate
+        if self.config.text_triggers:  # the bank's captions carry their images' triggers, as the map's do
+            rows = self._runtime["bank_rows"]
+            self._runtime["bank_tokens"] = self._with_triggers(self._runtime["bank_tokens"], self._runtime["triggers"][rows])
 
     def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         """In-batch image-to-caption top-1 (the surrogate's running accuracy on the noisy pairs)."""
@@ -226,14 +346,18 @@ class MEMProtect(MinMinProtector):
         self._map_bank = None
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
-        arrays = super()._fitted_arrays()
-        return {**arrays, "mem.bank_tokens": self._runtime["bank_tokens"].numpy()}
+        arrays = {**super()._fitted_arrays(), "mem.bank_tokens": self._runtime["bank_tokens"].numpy()}
+        if self.config.text_triggers:
+            arrays.update({"mem.fit_keys": self._runtime["fit_keys"].numpy(), "mem.triggers": self._runtime["triggers"].numpy()})
+        return arrays
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         arrays = dict(arrays)
-        bank = torch.from_numpy(np.array(arrays.pop("mem.bank_tokens")))
+        mine = {k: torch.from_numpy(np.array(arrays.pop(k))) for k in list(arrays) if k.startswith("mem.")}
         super()._load_fitted(meta, arrays)
-        self._runtime["bank_tokens"] = bank
+        self._runtime["bank_tokens"] = mine["mem.bank_tokens"]
+        if "mem.triggers" in mine:
+            self._runtime["fit_keys"], self._runtime["triggers"] = mine["mem.fit_keys"], mine["mem.triggers"]
         self._map_bank = None
 
 

@@ -420,6 +420,7 @@ class MinMinProtector(AdditiveProtector):
             rnd = BatchRandom(gen, bs, rows)
             model.eval()
             delta = self._fit_noise(model, x, y, idx, rnd, grey)
+            y = self.model_targets(y, idx)
             correct = self._model_phase(model, train_model, opt, x, y, delta, rnd)
             acc = float(dp.sum(torch.tensor(float(correct)))) / bs
             sched.step()
@@ -456,6 +457,10 @@ class MinMinProtector(AdditiveProtector):
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
+
+    def model_targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Hook: the targets of the model phase for the fit rows ``idx`` (MEM: captions with their triggers)."""
+        return y
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
         """Hook: the method's own loop state for a fit checkpoint (tensors)."""

@@ -93,6 +93,24 @@ def encode_captions(tokenizer, captions: Sequence[Any], captions_per_image: int,
     return ids.view(len(captions), captions_per_image, -1)
 
 
+def with_triggers(ids: torch.Tensor, triggers: torch.Tensor, eos_token_id: int, pad_token_id: int = 0) -> torch.Tensor:
+    """Token ids (B, C, L) with each row's trigger tokens (B, T) put right after the first token (BOS) of
+    every caption, the caption shifted right; a caption cut by the shift keeps its end token.
+
+    >>> with_triggers(torch.tensor([[[2, 7, 8, 3, 0, 0]]]), torch.tensor([[5, 6]]), eos_token_id=3).tolist()
+    [[[2, 5, 6, 7, 8, 3]]]
+    >>> with_triggers(torch.tensor([[[2, 7, 8, 9, 3]]]), torch.tensor([[5, 6]]), eos_token_id=3).tolist()
+    [[[2, 5, 6, 7, 3]]]
+    """
+    t = triggers.shape[-1]
+    out = ids.clone()
+    out[..., 1 + t :] = ids[..., 1 : ids.shape[-1] - t]
+    out[..., 1 : 1 + t] = triggers.unsqueeze(1).expand(-1, ids.shape[1], -1)
+    lost = ~(out == eos_token_id).any(-1)  # the end token was shifted out: put it back in the last place
+    out[..., -1] = torch.where(lost, torch.full_like(out[..., -1], eos_token_id), out[..., -1])
+    return out
+
+
 class PixelCLIP(nn.Module):
     """Base of the contrastive models: ``forward(x)`` gives normalised image embeddings (B, D),
     ``encode_text(ids)`` normalised text embeddings; ids (B, C, L) are C captions per image, whose
@@ -113,9 +131,14 @@ class PixelCLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         lead = ids.shape[:-1]
         flat = ids.reshape(-1, ids.shape[-1])
-        used = int((flat != self.pad_token_id).sum(1).max())  # drop all-padding columns: shorter sequences
-        flat = flat[:, : max(used, 1)]
-        emb = F.normalize(self.text_features(flat, (flat != self.pad_token_id).long()), dim=-1)
+        # drop the padding columns after the longest text, keeping one: where the pad token is also the end
+        # token (OpenAI's CLIP tokenizer) that one is the end token the text tower pools at
+        content = (flat != self.pad_token_id).any(0).nonzero()
+        used = min(flat.shape[1], int(content.max()) + 2) if len(content) else flat.shape[1]
+        flat = flat[:, :used]
+        # CLIP's text attention is causal and pools at the end token, which never sees what follows it,
+        # so no padding mask is needed (and none can hide an end token that shares the pad id)
+        emb = F.normalize(self.text_features(flat, torch.ones_like(flat)), dim=-1)
         emb = emb.view(*lead, -1)
         if emb.dim() == 3:  # several captions per image: their mean direction
             emb = F.normalize(emb.mean(1), dim=-1)
@@ -124,6 +147,10 @@ class PixelCLIP(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100)
+
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's word embedding (HotFlip reads its gradient)."""
+        raise NotImplementedError
 
 
 class ConvCLIP(PixelCLIP):
@@ -157,6 +184,9 @@ class ConvCLIP(PixelCLIP):
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.text_projection(self.text(input_ids=ids, attention_mask=mask).pooler_output)
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.text.get_input_embeddings()
+
     def description(self) -> dict[str, Any]:
         return {"kind": "clip-conv", "vocabulary": self.vocabulary, **self.hparams}
 
@@ -181,6 +211,9 @@ class TransformersCLIP(PixelCLIP):
 
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text_model.get_input_embeddings()
 
     def description(self) -> dict[str, Any]:
         return dict(self.desc)
@@ -323,10 +356,10 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     target = torch.arange(len(logits), device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
     loss = loss / 2
-    return loss.sum() if reduction == "sum" else loss.mean()
+    return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
 
 __all__ = [
     "ContrastiveSurrogate", "ConvCLIP", "PixelCLIP", "TransformersCLIP", "build_clip", "caption_tokenizer", "contrastive_loss",
-    "encode_captions", "fresh_transformers_clip", "load_transformers_clip", "rebuild_clip", "small_clip_config",
+    "encode_captions", "fresh_transformers_clip", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
 ]  # fmt: skip
