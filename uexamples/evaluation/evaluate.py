@@ -17,7 +17,6 @@ True
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from ..core.columns import detect_columns
 from ..core.loading import load_split
 from .countermeasures import Countermeasure, PartialProtection, parse_countermeasures
 from .metrics import dataset_quality
+from .report import ReportFiles
 from .retrieval import RetrievalReport, evaluate_retrieval
 from .victim import VictimResult, VictimSpec, train_victim
 
@@ -112,7 +112,7 @@ def _summary(runs: list[VictimResult]) -> dict[str, Any]:
 
 
 @dataclass
-class EvaluationReport:
+class EvaluationReport(ReportFiles):
     """What ``evaluate`` measured. ``results``: one entry per countermeasure."""
 
     config: dict[str, Any]
@@ -121,12 +121,6 @@ class EvaluationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "quality": self.quality, "results": self.results}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     def to_markdown(self) -> str:
         """A table fragment for a dataset card: accuracy on the clean test set, protected vs clean training."""
@@ -221,15 +215,6 @@ class EvaluationReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
-
-    def save(self, folder: str | Path) -> Path:
-        """Write report.json, curves.png and table.md into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.to_json(folder / "report.json")
-        self.plot(folder / "curves.png")
-        (folder / "table.md").write_text(self.to_markdown() + "\n")
-        return folder
 
 
 # ---------------------------------------------------------------------- input checks

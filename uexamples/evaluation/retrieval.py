@@ -23,13 +23,12 @@ crop + flip; the tokenizer's vocabulary comes from the training captions.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import datasets
 import numpy as np
@@ -44,6 +43,7 @@ from ..core.progress import progress_bar
 from ..surrogates.contrastive import ConvCLIP, caption_tokenizer, contrastive_loss, fresh_transformers_clip
 from .countermeasures import Countermeasure, parse_countermeasures
 from .metrics import dataset_quality
+from .report import ReportFiles
 from .victim import resolve_device, warmup_cosine
 
 KS = (1, 5, 10)
@@ -219,7 +219,7 @@ def relative_recall(protected: float, clean: float, chance: float) -> float | No
 
 
 @dataclass
-class RetrievalReport:
+class RetrievalReport(ReportFiles):
     """What ``evaluate_retrieval`` measured: one entry per countermeasure, chance levels beside them."""
 
     config: dict[str, Any]
@@ -229,12 +229,6 @@ class RetrievalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.config, "quality": self.quality, "chance": self.chance, "results": self.results}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2, default=str)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     def to_markdown(self) -> str:
         seeds = len(self.config["seeds"])
@@ -300,15 +294,6 @@ class RetrievalReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
-
-    def save(self, folder: str | Path) -> Path:
-        """Write report.json, curves.png and table.md into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.to_json(folder / "report.json")
-        self.plot(folder / "curves.png")
-        (folder / "table.md").write_text(self.to_markdown() + "\n")
-        return folder
 
 
 def _preprocess_only(cms: list[Countermeasure]) -> None:

@@ -118,11 +118,7 @@ class MEMProtect(MinMinProtector):
         return encode_captions(self._runtime["surrogate"].tokenizer, captions, int(self.config.captions_per_image))
 
     def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
-        n = len(dataset)
-        limit = self.config.max_fit_samples
-        indices = np.arange(n)
-        if limit and n > limit:
-            indices = np.sort(np.random.default_rng(self.config.seed).choice(n, size=limit, replace=False))
+        indices = self._fit_rows(len(dataset))
         self._choose_resolution(dataset, columns.image, indices)
         split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress)
         texts = dataset.select(indices.tolist())[columns.text]
@@ -196,6 +192,7 @@ class MEMProtect(MinMinProtector):
         for any word ranks ``trigger_candidates`` swaps per row; each is tried and the best kept per row."""
         model = self._model()
         emb = model.token_embedding()
+        ids = ids[:, :1]  # the first caption of each row: the trigger is the same in all (5x cheaper, as good a ranking)
         captured: list[torch.Tensor] = []
         hook = emb.register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:

@@ -362,12 +362,15 @@ class MinMinProtector(AdditiveProtector):
         return self.noise_phase(model, x, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey).cpu()
 
     # ------------------------------------------------------------------ fit
-    def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
-        n = len(dataset)
+    def _fit_rows(self, n: int) -> np.ndarray:
+        """The rows a fit trains on: all, or a seeded random subset of ``max_fit_samples``."""
         limit = self.config.max_fit_samples
-        indices = np.arange(n)
         if limit and n > limit:
-            indices = np.sort(np.random.default_rng(self.config.seed).choice(n, size=limit, replace=False))
+            return np.sort(np.random.default_rng(self.config.seed).choice(n, size=limit, replace=False))
+        return np.arange(n)
+
+    def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
+        indices = self._fit_rows(len(dataset))
         self._choose_resolution(dataset, columns.image, indices)
         split = load_split(dataset, columns.image, self.working_resolution(), columns.label, indices, progress)
         self._check_labels(split.labels.tolist(), indices.tolist())
