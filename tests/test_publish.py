@@ -149,3 +149,14 @@ def test_a_built_wheel_carries_the_card_template_and_the_sample(tmp_path):
     env = dict(script_env(tmp_path), PYTHONPATH=str(site))
     res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+
+
+def test_card_wording_follows_the_measured_visibility():
+    from uexamples.cards import render_card
+
+    base = {"method": "sem", "config": {"epsilon": 8 / 255, "seed": 0, "preset": "fast"}, "images": 10,
+            "source": {"dataset": None, "split": "train"}, "linf_levels": 8}  # fmt: skip
+    faint = render_card({**base, "mean_psnr": 32.1, "mean_ssim": 0.95}, "me/x", "mit")
+    blur = render_card({**base, "method": "cuda", "mean_psnr": 19.0, "mean_ssim": 0.62}, "me/x", "mit")
+    assert "People still see the same pictures" in faint and "visible" not in faint.split("## What was done")[0]
+    assert "People still see" not in blur and "The change is **visible**" in blur and "19.00 dB" in blur
