@@ -21,7 +21,9 @@ Resuming: the state lives in ``OUTPUT.work/`` (a checkpoint of the unfinished fi
 ``--fit-checkpoint-steps`` steps, the fitted protector and every finished chunk, each written to a
 temporary name and renamed when complete). Launching the same command again after a
 crash reuses them; different arguments are refused. The final folder is assembled as
-``OUTPUT.partial`` and renamed, and a rerun with a finished ``OUTPUT`` only (re)tries the push.
+``OUTPUT.partial`` and renamed, and a rerun with a finished ``OUTPUT`` only (re)tries the push. After
+success ``OUTPUT.work/`` keeps only ``run.json`` (the run's arguments, no secret): the chunks and the fit
+are deleted.
 
 The token comes from the usual Hugging Face sources (``HF_TOKEN``, ``hf auth login``); it and the
 CUDA key are never printed, logged or written.
@@ -164,6 +166,10 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
     fit_stats = json.loads(stats_file.read_text()) if stats_file.is_file() else None
     write_output(out_dir, args, ds, protected, protector, processes=accelerator.num_processes, chunks=len(chunks),
                  chunks_reused=reused, fit_seconds=round(fit_s, 2), map_seconds=round(map_s, 2), fit=fit_stats)  # fmt: skip
+    # the output is complete: the chunks (a second copy of the dataset) and the fit are needed no more; run.json
+    # stays so that the same command later knows this output is its own and only (re)tries the push
+    for leftover in ("chunks", "fit", "fit-progress"):
+        shutil.rmtree(work / leftover, ignore_errors=True)
     print(f"protected {len(ds)} images on {accelerator.num_processes} process(es): map {map_s:.1f} s -> {out_dir}", flush=True)
 
 

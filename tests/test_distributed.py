@@ -102,6 +102,7 @@ def test_killed_run_resumes_and_ends_with_the_same_dataset(one_process, tmp_path
     run(cmd, env)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["fit_seconds"] == 0  # the fit checkpoint was reused
+    assert [p.name for p in out.with_name("resumed.work").iterdir()] == ["run.json"]  # no second copy left behind
     assert summary["chunks_reused"] >= len(done_before)
     a, la = pixels(one_process)
     b, lb = pixels(out)
