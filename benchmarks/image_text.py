@@ -7,6 +7,7 @@ directions. ``clean`` trains the same victims on the clean pairs; ``random`` add
 same bound (what any noise of 8/255 does by itself). One fit (seed 0) feeds every victim seed.
 
     python benchmarks/image_text.py --methods clean,random,mem --seeds 0,1,2
+    python benchmarks/image_text.py --methods clean,mem --victim clip-vit --cache /tmp/it   # other victim, same data
     python benchmarks/image_text.py --table
 
 Method names as ``common.make_protector`` reads them (``mem+final_noise_steps=40``). Each method's row
@@ -60,18 +61,30 @@ def run(args) -> None:
         row: dict = {"dataset": name, "method": method, "preset": args.preset, "train_images": len(train),
                      "test_images": len(test), "test_captions": sum(len(c) for c in t.captions), "victim": recipe,
                      "seeds": seeds, "machine": machine_info()}  # fmt: skip
+        cached = Path(args.cache) / f"{name}_{method}_{args.preset}" if args.cache else None
         if method == "clean":
             protected = train
-        elif method == "random":
-            started = time.time()
-            protected = random_noise(train, 8 / 255, seed=0)
-            row["generation_seconds"] = round(time.time() - started, 1)
+        elif cached is not None and (cached / "generation.json").is_file():  # another victim recipe, same data
+            protected = datasets.load_from_disk(str(cached / "dataset"))
+            row.update(json.loads((cached / "generation.json").read_text()))
         else:
-            protector = make_protector(method, args.preset, 0)
-            protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
-            row.update(config=protector.public_config(), rules=protector.rules, fit_stats=protector.fit_stats,
-                       fit_seconds=round(fit_s, 1), map_seconds=round(map_s, 1), generation_seconds=round(fit_s + map_s, 1))  # fmt: skip
-            assert protected["caption"] == train["caption"], "captions changed"
+            generation: dict = {}
+            if method == "random":
+                started = time.time()
+                protected = random_noise(train, 8 / 255, seed=0)
+                generation["generation_seconds"] = round(time.time() - started, 1)
+            else:
+                protector = make_protector(method, args.preset, 0)
+                protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
+                generation.update(config=protector.public_config(), rules=protector.rules, fit_stats=protector.fit_stats,
+                                  fit_seconds=round(fit_s, 1), map_seconds=round(map_s, 1),
+                                  generation_seconds=round(fit_s + map_s, 1))  # fmt: skip
+                if not protector.rewrites_captions(protector.public_config()):
+                    assert protected["caption"] == train["caption"], "captions changed"
+            row.update(generation)
+            if cached is not None:
+                protected.save_to_disk(str(cached / "dataset"))
+                (cached / "generation.json").write_text(json.dumps(generation, default=float))
         if method != "clean":
             row["quality"] = dataset_quality(train, protected, "image", limit=None)
         p = load_pairs(protected, method, args.resolution)
@@ -84,7 +97,8 @@ def run(args) -> None:
         print(f"[{name}] {method}: R@10 i2t {100 * f['i2t_r10']['mean']:.1f} ± {100 * f['i2t_r10']['std']:.1f}, "
               f"t2i {100 * f['t2i_r10']['mean']:.1f} ± {100 * f['t2i_r10']['std']:.1f}", flush=True)  # fmt: skip
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"image_text_{name}_{method.replace('/', '_')}{args.suffix}.json").write_text(json.dumps(row, indent=2, default=float))
+        recipe_tag = "" if args.victim == "clip-conv" else f"_{args.victim}"
+        (RESULTS / f"image_text_{name}{recipe_tag}_{method.replace('/', '_')}{args.suffix}.json").write_text(json.dumps(row, indent=2, default=float))
 
 
 def table() -> str:
@@ -130,6 +144,42 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def figure(args) -> None:
+    """Originals, protected images and the amplified change of a few pairs, with the captions as published."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = Path(args.dataset).name
+    train = datasets.load_dataset(args.dataset, split="train")
+    method = args.methods.split(",")[-1]
+    cached = Path(args.cache or "") / f"{name}_{method}_{args.preset}" / "dataset"
+    if not args.cache or not cached.is_dir():
+        raise SystemExit(f"--figure reads the protected split from --cache (run the method with --cache first): {cached}")
+    protected = datasets.load_from_disk(str(cached))
+    rows = [0, 3, 6]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10, 3.3 * len(rows)))
+    for r, i in enumerate(rows):
+        o = np.asarray(train[i]["image"].convert("RGB"), dtype=float) / 255
+        p = np.asarray(protected[i]["image"].convert("RGB"), dtype=float) / 255
+        change = np.abs(p - o)
+        for c, (img, title) in enumerate(((o, "original"), (p, "protected"), (change / max(change.max(), 1e-9), "change (scaled)"))):
+            axes[r, c].imshow(img)
+            axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+            axes[r, 0 if c == 0 else c].set_title(title if r == 0 else "", fontsize=9)
+        before, after = train[i]["caption"][0], protected[i]["caption"][0]
+        text = "caption: " + before if before == after else f"caption, published: {after}"
+        axes[r, 1].set_xlabel("\n".join(textwrap.wrap(text, 60)), fontsize=8)
+    fig.suptitle(f"{method} on {name}: PSNR of the set in benchmarks/README.md", fontsize=10)
+    fig.tight_layout()
+    out = RESULTS / f"image_text_{name}_{method}.png"
+    fig.savefig(out, dpi=100)
+    print(out)
+
+
 def main(argv=None) -> None:
     p = benchmark_parser(__doc__)
     p.add_argument("--dataset", default=str(SHARED_DATASETS / "flickr8k-1k"))
@@ -141,8 +191,14 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--suffix", default="")
+    p.add_argument("--cache", help="keep each protected split here and reuse it for another victim recipe")
     p.add_argument("--quiet", action="store_true")
-    dispatch(p, run, table, argv)
+    p.add_argument("--figure", action="store_true", help="draw a few protected pairs of the last method from --cache")
+    args = p.parse_args(argv)
+    if args.figure:
+        figure(args)
+    else:
+        dispatch(p, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,18 @@
 The min-min engine with a contrastive objective instead of class labels: a CLIP-style surrogate trains
 on the noisy pairs (symmetric InfoNCE), while each image's noise minimises the InfoNCE of the image +
 noise against its own captions, so that the noise alone tells the model which caption goes with the
-image and the model learns nothing transferable from the pixels. Captions are never changed.
+image and the model learns nothing transferable from the pixels. Captions are unchanged unless
+``text_triggers`` is set: MEM's text triggers, a few words per image put before its captions and chosen
+by HotFlip, to which the noise is bound (the noise steps see the captions shuffled inside the batch, each
+row keeping its image's trigger, as the published code does).
 
 Where this differs from the published code, and why:
 
 - the published loop alternates 200 CLIP steps with a noise pass over the whole set (20 rounds); here
-  each fit step runs the noise phase on its batch then one CLIP step (the engine's loop, as EM here);
+  each fit step runs the noise phase (and a HotFlip step) on its batch then one CLIP step (the engine's
+  loop, as EM here), each image keeping its noise and trigger from one step to the next;
+- HotFlip ranks and tries its candidate words on the first caption of each image only (the trigger is
+  the same in all of them; 5x cheaper);
 - several captions per image (Flickr, COCO: 5) are pulled together: the text side of a pair is the
   mean direction of the image's caption embeddings;
 - the final pass run by ``map`` contrasts each image with a fixed bank of ``map_negatives`` training
@@ -69,8 +75,9 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
     train_steps=4000, train_batch_size=128, lr=1e-4, weight_decay=0.1, lr_decay_every=100_000,
     noise_steps=8, eot_draws=1, step_size=1 / 255, final_noise_steps=8, final_eot_draws=1,
 )
-# CPU-sized: the fit length follows the data (30 epochs, 20 to 300 steps); Adam-free SGD on the small CLIP
-# with the engine's optimiser; crop/flip draws in the noise steps so that the victim's augmentation keeps it.
+# CPU-sized (measured in benchmarks/README.md, "Image-caption protection"): the fit length follows the data
+# (20 epochs, 20 to 250 steps: 250 for Flickr's 800 pairs); AdamW as CLIP is trained (SGD barely moved the
+# text tower); 2 crop/flip draws per noise step so that the victim's augmentation keeps the noise.
 FAST = dict(
     train_steps=250, train_epochs=20, min_train_steps=20, train_batch_size=64, lr=1e-3, weight_decay=0.1,
     lr_decay_every=100_000, noise_steps=5, eot_draws=2, step_size=2 / 255, final_noise_steps=20, final_eot_draws=2,
@@ -183,7 +190,10 @@ class MEMProtect(MinMinProtector):
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
         n = int(config.get("text_triggers") or 0)
         if not n:
-            return ["Label-free: only the captions were read; the noise ties each image to its own captions."]
+            return ["Label-free: only the captions were read; the noise ties each image to its own captions.",
+                    "Measured (uexamples benchmarks, flickr8k-1k): image noise alone, without MEM's text triggers, left a "
+                    "CLIP trained from scratch on the pairs at about its clean retrieval recall; with 3 trigger words per "
+                    "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
         return [f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
                 "the noise is bound to them, so a model trained on these pairs learns the triggers, not the pictures."]
 
@@ -339,6 +349,9 @@ class MEMProtect(MinMinProtector):
             logger.warning("MEM fits on each of the %d processes alone (no data-parallel fit yet); the map is shared",
                            int(self._accelerator.num_processes))  # fmt: skip
             self._accelerator = None
+        if not self.config.text_triggers:
+            logger.warning("MEM without text triggers: in the uexamples benchmark (flickr8k-1k, CLIP trained from scratch) "
+                           "image noise alone did not lower retrieval; text_triggers=3 did (it changes the captions)")  # fmt: skip
         super()._fit(dataset, columns, progress)
         self._map_bank = None
 
