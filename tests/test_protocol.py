@@ -331,3 +331,17 @@ def test_uexamples_logger_and_verbosity(small_ds, caplog):
     finally:
         logger.removeHandler(caplog.handler)
         ue.logging.set_verbosity_warning()
+
+
+def test_a_dataset_dict_fits_on_train_and_protects_the_named_splits(small_ds):
+    dd = datasets.DatasetDict({"train": small_ds.select(range(20)), "test": small_ds.select(range(20, 30))})
+    cuda = ue.CUDAProtect(key=91827364551, allow_weak_key=True).fit(dd)
+    both = cuda.apply(dd)
+    assert isinstance(both, datasets.DatasetDict) and {k: len(v) for k, v in both.items()} == {"train": 20, "test": 10}
+    alone = cuda.apply(dd["test"])
+    assert [np.asarray(a).tolist() for a in alone["image"]] == [np.asarray(a).tolist() for a in both["test"]["image"]]
+    assert list(cuda.apply(dd, splits=["test"])) == ["test"]
+    with pytest.raises(KeyError, match="validation"):
+        cuda.apply(dd, splits=["validation"])
+    with pytest.raises(TypeError, match="without a 'train' split"):
+        cuda.fit(datasets.DatasetDict({"test": dd["test"]}))

@@ -174,6 +174,12 @@ class Protector:
         steps and, called again after a kill, go on from the last checkpoint to the same result
         (``core.checkpoint``).
         """
+        if isinstance(dataset, datasets.DatasetDict):  # fit on the training split only, as trainers do
+            if "train" not in dataset:
+                raise TypeError(f"fit got a DatasetDict without a 'train' split (splits: {list(dataset)}): pass the split "
+                                "to fit on, e.g. ds['validation']")  # fmt: skip
+            logger.info("fitting on the 'train' split of the DatasetDict (%d rows)", len(dataset["train"]))
+            dataset = dataset["train"]
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"fit expects a datasets.Dataset, got {type(dataset).__name__} (pick a split: ds['train'])")
         if len(dataset) == 0:
@@ -281,11 +287,23 @@ class Protector:
             out[text_col] = out_texts
         return out
 
-    def apply(self, dataset: datasets.Dataset, **map_kwargs: Any) -> datasets.Dataset:
+    def apply(self, dataset: datasets.Dataset | datasets.DatasetDict, splits: Sequence[str] | None = None,
+              **map_kwargs: Any) -> datasets.Dataset | datasets.DatasetDict:  # fmt: skip
         """``dataset.map(self, batched=True)`` that names the row of a bad image in its error.
 
         The image column is read as raw bytes so that a corrupt image is reported by row, then cast back.
+        A ``DatasetDict`` gives a ``DatasetDict`` of the protected ``splits`` (default: every split; a
+        published test split is as exposed as the training split). Fit on the training split first:
+        ``protector.fit(dd)`` does that.
         """
+        if isinstance(dataset, datasets.DatasetDict):
+            names = list(dataset) if splits is None else list(splits)
+            missing = [s for s in names if s not in dataset]
+            if missing:
+                raise KeyError(f"split(s) {missing} not in the DatasetDict (splits: {list(dataset)})")
+            return datasets.DatasetDict({s: self.apply(dataset[s], **map_kwargs) for s in names})
+        if splits is not None:
+            raise TypeError("splits= is for a DatasetDict; this is one split")
         cols = self.columns_for(dataset.features)
         raw = dataset.cast_column(cols.image, datasets.Image(decode=False))
         if map_kwargs.get("batch_size") is None:
