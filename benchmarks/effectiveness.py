@@ -7,6 +7,8 @@ baseline trained in the same run with the same recipe.
     python benchmarks/effectiveness.py --dataset ../shared/datasets/cifar10-10k --methods em,sem,cuda
     python benchmarks/effectiveness.py --dataset ../shared/datasets/retinamnist --methods em,sem,cuda --epochs 20
     python benchmarks/effectiveness.py --dataset ../shared/datasets/retinamnist --methods cuda --keep-others
+    python benchmarks/effectiveness.py --methods t2ue --keep-others         # captions from the class names
+    python benchmarks/effectiveness.py --methods t2ue-transfer --protector DIR --keep-others   # fitted elsewhere
 
 With ``--keep-others`` only the named methods are re-measured; the clean baseline is still trained
 again and must come out identical (the training is deterministic), else the run stops.
@@ -18,12 +20,14 @@ of every results file (pasted into benchmarks/README.md).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import datasets
 import torch
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
+import uexamples as ue
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
 
@@ -55,8 +59,21 @@ def run(args) -> dict:
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
             r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
     for method in args.methods.split(","):
-        protector = make_protector(method, args.preset, args.seed)
-        protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
+        if args.protector:  # a protector fitted elsewhere (T2UE transfer): map only, `method` names the row
+            protector = ue.Protector.from_pretrained(args.protector)
+        else:
+            protector = make_protector(method, args.preset, args.seed)
+        source = train
+        if protector.needs_texts and protector.config.text_column is None and not any(
+                c in train.column_names for c in ("caption", "captions", "text", "sentences")):  # fmt: skip
+            # T2UE on a labelled set: captions from the class names, as the paper's supervised experiments
+            source = ue.captions_from_labels(train, sample_wise=args.class_captions == "sample-wise", seed=args.seed)
+        if args.protector:
+            t0 = time.time()
+            protected = source.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
+            fit_s, map_s = 0.0, time.time() - t0
+        else:
+            protected, fit_s, map_s = fit_and_map(protector, source, progress=not args.quiet)
         px, py = dataset_to_tensors(protected)
         linf = int(((px - clean_x).abs().max() * 255).round())
         res = train_victim(px, py, test_x, test_y, desc=f"{method} victim", **victim)
@@ -66,6 +83,8 @@ def run(args) -> dict:
             "generation_seconds": round(fit_s + map_s, 1),
             "linf_levels": linf,
             "fit_stats": getattr(protector, "fit_stats", None),
+            "captions": None if source is train else f"{args.class_captions} from the class names",
+            "protector": args.protector,
             "victim": res.to_dict(),
         }
         print(
@@ -108,6 +127,9 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=0, help="use only the first N training images")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--class-captions", choices=["class-wise", "sample-wise"], default="class-wise",
+                   help="captions a caption-driven method (T2UE) gets on a labelled set without captions")  # fmt: skip
+    p.add_argument("--protector", help="map with this fitted protector (no fit) instead of fitting one")
     p.add_argument("--keep-others", action="store_true",
                    help="keep the other methods' rows of the results file (its clean baseline must come out identical)")  # fmt: skip
     dispatch(p, run, table, argv)

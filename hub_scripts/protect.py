@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save the unfinished fit every N steps, so that a killed fit goes on from there (default 100)")  # fmt: skip
     p.add_argument("--evaluation", help="a `uexamples evaluate` output folder whose table goes into the card")
     args = p.parse_args(argv)
+    if args.protector:
+        args.method = method_from_argv(argv)  # the saved protector's
     if args.chunk_size < 1:
         p.error("--chunk-size must be >= 1")
     if args.fit_checkpoint_steps < 1:
@@ -100,7 +102,7 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
     import torch
 
     from uexamples import Protector
-    from uexamples.cli import CLIError, build_protector, load_any_dataset, write_output
+    from uexamples.cli import CLIError, build_protector, load_any_dataset, load_protector, write_output
 
     main_process = accelerator.is_main_process
     ds = load_any_dataset(args.dataset, args.config, args.split)
@@ -117,6 +119,11 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
     fit_dir = work / "fit"
     fit_s = 0.0
     runtime = dict(secrets)  # a saved protector needs its secrets again (never written in work/)
+    if not fit_dir.is_dir() and args.protector:  # a protector fitted elsewhere (T2UE: from captions alone): no fit
+        if main_process:
+            load_protector(args).save_pretrained(work / "fit.tmp")
+            (work / "fit.tmp").rename(fit_dir)
+        accelerator.wait_for_everyone()
     if not fit_dir.is_dir():
         protector = build_protector(args)
         if hasattr(protector.config, "fit_shards") and getattr(args, "fit_shards", None) is None:

@@ -93,3 +93,41 @@ def tiny_clip(tmp_path_factory):
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(path)  # no preprocessor config: geometry falls back to the model config
     return str(path)
+
+
+WORDS = ["dog", "cat", "man", "girl", "snow", "grass", "water", "red", "blue", "ball", "runs", "jumps"]
+
+
+def captioned(n: int = 16, seed: int = 0, labels: bool = False) -> datasets.Dataset:
+    """Random images of several sizes and modes, captions as lists (several per image) or strings, an extra column."""
+    rng = np.random.default_rng(seed)
+    images, captions = [], []
+    for i in range(n):
+        h, w = (24, 32) if i % 3 else (40, 30)
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        images.append(PIL.Image.fromarray(arr).convert("L") if i % 5 == 0 else PIL.Image.fromarray(arr))
+        words = [" ".join(rng.choice(WORDS, 4)) for _ in range(1 + i % 3)]
+        captions.append(words if i % 2 else words[0] + " .")
+    cols = {"image": images, "caption": [c if isinstance(c, list) else [c] for c in captions], "id": [f"img{i}" for i in range(n)]}
+    if labels:
+        cols["label"] = [i % 2 for i in range(n)]
+    return datasets.Dataset.from_dict(cols).cast_column("image", datasets.Image())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_folder(tmp_path_factory):
+    """A tiny random transformers CLIP saved in a folder with its tokenizer and processor (no download)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from uexamples.surrogates.contrastive import caption_tokenizer
+
+    path = tmp_path_factory.mktemp("clip")
+    tok = caption_tokenizer(captioned(16)["caption"])
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=3)  # fmt: skip
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    tok.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)

@@ -4,36 +4,16 @@ import json
 
 import datasets
 import numpy as np
-import PIL.Image
 import pytest
 import torch
-from helpers import shared_dataset
+from helpers import captioned, shared_dataset, tiny_clip_folder  # noqa: F401  (a fixture)
 
 import uexamples as ue
 from uexamples.evaluation.retrieval import RetrievalError, chance_levels, retrieval_metrics
-from uexamples.surrogates.contrastive import ContrastiveSurrogate, caption_tokenizer, encode_captions
+from uexamples.surrogates.contrastive import ContrastiveSurrogate, encode_captions
 
 TINY_MEM = dict(train_steps=4, train_batch_size=8, noise_steps=2, eot_draws=1, final_noise_steps=3, final_eot_draws=1,
                 map_negatives=16)  # fmt: skip
-WORDS = ["dog", "cat", "man", "girl", "snow", "grass", "water", "red", "blue", "ball", "runs", "jumps"]
-
-
-def captioned(n: int = 16, seed: int = 0, labels: bool = False) -> datasets.Dataset:
-    """Random images of several sizes and modes, captions as lists (several per image) or strings, an extra column."""
-    rng = np.random.default_rng(seed)
-    images, captions = [], []
-    for i in range(n):
-        h, w = (24, 32) if i % 3 else (40, 30)
-        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        images.append(PIL.Image.fromarray(arr).convert("L") if i % 5 == 0 else PIL.Image.fromarray(arr))
-        words = [" ".join(rng.choice(WORDS, 4)) for _ in range(1 + i % 3)]
-        captions.append(words if i % 2 else words[0] + " .")
-    cols = {"image": images, "caption": [c if isinstance(c, list) else [c] for c in captions], "id": [f"img{i}" for i in range(n)]}
-    if labels:
-        cols["label"] = [i % 2 for i in range(n)]
-    return datasets.Dataset.from_dict(cols).cast_column("image", datasets.Image())
-
-
 @pytest.fixture(scope="module")
 def pairs():
     return captioned(16)
@@ -118,22 +98,6 @@ def test_needs_captions_and_says_so():
     ds = ue.load_sample_dataset().select(range(8))
     with pytest.raises(ue.ColumnError, match="needs captions.*text_column"):
         ue.MEMProtect(**TINY_MEM).fit(ds, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_folder(tmp_path_factory, pairs):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    path = tmp_path_factory.mktemp("clip")
-    tok = caption_tokenizer(pairs["caption"])
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=32, pad_token_id=0, bos_token_id=2, eos_token_id=3)  # fmt: skip
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
-    tok.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-    return str(path)
 
 
 def test_a_transformers_clip_saved_locally_is_the_surrogate(tmp_path, tiny_clip_folder, pairs):

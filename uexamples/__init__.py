@@ -18,7 +18,7 @@ from .core import (  # noqa: E402
 from . import logging  # noqa: E402  (uexamples.logging: the library's logger and verbosity, as in transformers)
 from .data import load_sample_dataset  # noqa: E402
 from .evaluation import EvaluationReport, RetrievalReport, evaluate, evaluate_retrieval  # noqa: E402
-from .methods import CUDAProtect, EMProtect, MEMProtect, REMProtect, SALMProtect, SEMProtect, UCProtect  # noqa: E402
+from .methods import CUDAProtect, EMProtect, MEMProtect, REMProtect, SALMProtect, SEMProtect, T2UEProtect, UCProtect, captions_from_labels  # noqa: E402
 
 
 def protector(method: str, **kwargs) -> Protector:
@@ -48,4 +48,6 @@ __all__ = [
     "SEMProtect",
     "SALMProtect",
     "MEMProtect",
+    "T2UEProtect",
+    "captions_from_labels",
 ]

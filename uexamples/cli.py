@@ -104,6 +104,36 @@ def build_protector(args: argparse.Namespace):
     return klass(preset=preset, **kwargs)
 
 
+def saved_method(path: str) -> str:
+    """The method of a protector saved with ``save_pretrained`` (read before the parser is built)."""
+    from .core.protector import CONFIG_NAME
+
+    config = Path(path) / CONFIG_NAME
+    if not config.is_file():
+        raise CLIError(f"--protector {path}: no {CONFIG_NAME} there (a folder written by save_pretrained, or the "
+                       "protector/ folder of a `uexamples protect` output)")  # fmt: skip
+    return str(json.loads(config.read_text())["method"])
+
+
+def load_protector(args: argparse.Namespace):
+    """A fitted protector from ``--protector``: its saved config is kept; only run-time options may be given."""
+    from .core.protector import Protector
+
+    klass = method_class(args.method)
+    runtime = {f.name: getattr(args, f.name) for f in cli_fields(klass.config_class)
+               if f.name in klass.RUNTIME_OPTIONS and getattr(args, f.name, None) is not None}  # fmt: skip
+    fixed = [f.name for f in cli_fields(klass.config_class)
+             if f.name not in klass.RUNTIME_OPTIONS and getattr(args, f.name, None) is not None]  # fmt: skip
+    if fixed:
+        raise CLIError(f"--protector keeps the saved protector's config; these options cannot change it: "
+                       f"{', '.join('--' + n.replace('_', '-') for n in fixed)} (only "
+                       f"{', '.join('--' + n.replace('_', '-') for n in klass.RUNTIME_OPTIONS)})")  # fmt: skip
+    protector = Protector.from_pretrained(args.protector, **runtime, **secret_values(klass, args))
+    if not protector.fitted and protector.needs_fit:
+        raise CLIError(f"--protector {args.protector} holds an unfitted {klass.method.upper()} protector")
+    return protector
+
+
 def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Dataset, protected: datasets.Dataset,
                  protector, started: float | None = None, **timings: Any) -> dict:  # fmt: skip
     """Write dataset/, protector/, summary.json and preview.png into a partial folder unique to this run,
@@ -156,10 +186,11 @@ def _protect(args: argparse.Namespace, out_dir: Path) -> int:
     ds = load_any_dataset(args.dataset, args.config, args.split)
     if len(ds) == 0:
         raise CLIError("the dataset is empty (0 rows): nothing to protect")
-    protector = build_protector(args)
+    protector = load_protector(args) if args.protector else build_protector(args)
     protector.columns_for(ds.features)  # column errors before the long fit
     started = time.time()
-    protector.fit(ds, progress=not args.quiet)
+    if not args.protector:
+        protector.fit(ds, progress=not args.quiet)
     fit_s = time.time() - started
     t0 = time.time()
     protected = protector.apply(ds, batch_size=args.map_batch_size, load_from_cache_file=False)
@@ -236,9 +267,15 @@ def _relabel_names() -> list[str]:
 def method_from_argv(argv: Sequence[str]) -> str:
     """The ``--method`` of a command line, read before the full parser exists (its options depend on it)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--method", default=DEFAULT_METHOD)
+    pre.add_argument("--method", default=None)
+    pre.add_argument("--protector", default=None)
     known, _ = pre.parse_known_args(list(argv))
-    return str(known.method).lower()
+    if known.protector is not None:  # a saved protector brings its method
+        method = saved_method(known.protector)
+        if known.method is not None and known.method.lower() != method:
+            raise CLIError(f"--method {known.method} but --protector {known.protector} holds a {method} protector")
+        return method
+    return str(known.method or DEFAULT_METHOD).lower()
 
 
 def _show(value: Any) -> str:
@@ -290,6 +327,8 @@ def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAU
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"one of {', '.join(list_methods())} (default: {DEFAULT_METHOD}); the options below are "
                         "those of this method: `--method NAME --help` lists another's")  # fmt: skip
+    p.add_argument("--protector", help="a fitted protector folder (save_pretrained, or the protector/ of an earlier output): "
+                   "protect with it, no fit; its method and config come with it (T2UE: noise from the captions alone)")  # fmt: skip
     p.add_argument("--map-batch-size", type=int, default=None,
                    help="rows per datasets.map batch (default: from the image size, so that large photos fit in memory)")
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
@@ -347,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uexamples: error: {exc}", file=sys.stderr)
         return 2
     args = build_parser(method).parse_args(argv)
+    if getattr(args, "protector", None):
+        args.method = method  # the saved protector's
     if args.quiet:
         datasets.disable_progress_bars()
         ue_logging.set_verbosity_error()

@@ -72,7 +72,13 @@ def to_working(images: list[NativeImage], resolution: int | None) -> tuple[torch
 
 def to_native(delta: torch.Tensor, image: NativeImage, epsilon: float, resample: str = "bilinear") -> np.ndarray:
     """Bring one working noise (3, r, r) to the image's size and channels, within the bound."""
-    c, h, w = image.color.shape
+    return resize_noise(delta, image.color.shape, epsilon, resample)
+
+
+def resize_noise(delta: torch.Tensor, shape: tuple[int, int, int], epsilon: float, resample: str = "bilinear") -> np.ndarray:
+    """One working noise (3, r, r) as (C, H, W) float32 for ``shape`` = (C, H, W), within the bound (C = 1:
+    the mean of the three channels, which :func:`project_grey` kept equal)."""
+    c, h, w = shape
     d = delta[None].float().cpu()
     if tuple(d.shape[2:]) != (h, w):
         corners = {"align_corners": False} if resample in ("bilinear", "bicubic") else {}

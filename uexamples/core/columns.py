@@ -39,6 +39,20 @@ def _is_text(feature) -> bool:
     return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
 
 
+def label_column_of(features: datasets.Features, label_column: str | None = None) -> str | None:
+    """The class-label column: ``label_column`` (checked), else the first ``ClassLabel``, else an integer
+    ``label``/``labels``/... column; None when there is none."""
+    names = list(features)
+    if label_column is not None:
+        if label_column not in features:
+            raise ColumnError(f"label column {label_column!r} not found; columns are {names}")
+        if not _is_int(features[label_column]):
+            raise ColumnError(f"label column {label_column!r} is {features[label_column]!r}, not integer class labels")
+        return label_column
+    found = next((n for n in names if isinstance(features[n], datasets.ClassLabel)), None)
+    return found or next((n for n in LABEL_NAMES if n in features and _is_int(features[n])), None)
+
+
 def detect_columns(
     features: datasets.Features,
     image_column: str | None = None,
@@ -66,15 +80,7 @@ def detect_columns(
                 "(cast one with ds.cast_column(name, datasets.Image()) or pass image_column=)"
             )
 
-    if label_column is not None:
-        if label_column not in features:
-            raise ColumnError(f"label column {label_column!r} not found; columns are {names}")
-        if not _is_int(features[label_column]):
-            raise ColumnError(f"label column {label_column!r} is {features[label_column]!r}, not integer class labels")
-    else:
-        label_column = next((n for n in names if isinstance(features[n], datasets.ClassLabel)), None)
-        if label_column is None:
-            label_column = next((n for n in LABEL_NAMES if n in features and _is_int(features[n])), None)
+    label_column = label_column_of(features, label_column)
     if need_label and label_column is None:
         from .registry import list_methods, methods_without
 

@@ -35,16 +35,14 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..core.augment import BatchRandom, random_crop_flip
 from ..core.batch import caption_of
 from ..core.columns import detect_columns
 from ..core.loading import load_split
-from ..core.progress import progress_bar
-from ..surrogates.contrastive import ConvCLIP, caption_tokenizer, contrastive_loss, fresh_transformers_clip
+from ..surrogates.contrastive import ConvCLIP, caption_tokenizer, fresh_transformers_clip, train_clip
 from .countermeasures import Countermeasure, parse_countermeasures
 from .metrics import dataset_quality
 from .report import ReportFiles
-from .victim import resolve_device, warmup_cosine
+from .victim import resolve_device
 
 KS = (1, 5, 10)
 RETRIEVAL_VICTIMS = ("clip-vit", "clip-conv")
@@ -170,34 +168,17 @@ def train_retrieval_victim(
     gen = torch.Generator().manual_seed(seed)
     tokenizer = caption_tokenizer(train.captions)
     model = build_retrieval_victim(arch, tokenizer, train.images.shape[-1]).to(dev)
-    x_all = cm.preprocess(train.images)
-    train_ids, train_owner = train.tokens(tokenizer)
     test_ids, test_owner = test.tokens(tokenizer)
-    starts = torch.tensor([0] + np.cumsum([len(c) for c in train.captions]).tolist()[:-1])
-    counts = torch.tensor([len(c) for c in train.captions])
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(x_all)
-    bs = min(batch_size, n)
-    steps_per_epoch = max(1, n // bs)  # full batches only: a contrastive batch of 3 is a different task
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch, warmup=0.1))
     curve: list[dict[str, float]] = []
     started = time.time()
-    bar = progress_bar(range(epochs), desc=desc, progress=progress)
-    for _ in bar:
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        for s in range(steps_per_epoch):
-            idx = order[s * bs : (s + 1) * bs]
-            pick = starts[idx] + (torch.rand(len(idx), generator=gen) * counts[idx]).long()  # one caption each
-            x = random_crop_flip(x_all[idx], BatchRandom(gen, len(idx))).to(dev)
-            loss = contrastive_loss(model(x), model.encode_text(train_ids[pick].to(dev)), model.scale)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        img, txt = _embed(model, test.images, test_ids, dev)
+
+    def score(m) -> str:
+        img, txt = _embed(m, test.images, test_ids, dev)
         curve.append(retrieval_metrics(img, txt, test_owner))
-        bar.set_postfix(r10=f"{curve[-1]['i2t_r10']:.3f}/{curve[-1]['t2i_r10']:.3f}")
+        return f"r10={curve[-1]['i2t_r10']:.3f}/{curve[-1]['t2i_r10']:.3f}"
+
+    train_clip(model, tokenizer, cm.preprocess(train.images), train.captions, epochs, batch_size, lr, weight_decay, gen,
+               dev, progress, desc, on_epoch=score)  # fmt: skip
     best = {k: (min if k.endswith("median_rank") else max)(c[k] for c in curve) for k in METRICS}
     return RetrievalResult(curve[-1], best, curve, time.time() - started)
 

@@ -8,7 +8,6 @@ weights are never loaded: victims start from scratch), or a callable ``num_class
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from ..core.augment import BatchRandom, random_crop_flip
 from ..core.columns import detect_columns
 from ..core.loading import load_split
 from ..core.progress import progress_bar
+from ..core.schedules import warmup_cosine  # noqa: F401  (importable from here as before)
 from ..surrogates import BUILTIN, transformers_from_config
 from .countermeasures import Countermeasure
 from .metrics import balanced_accuracy, macro_auc
@@ -100,18 +100,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def warmup_cosine(total_steps: int, warmup: float = 0.25) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over the first 25 % of the steps, then cosine to zero."""
-    warm = max(1, int(warmup * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
-
-    return factor
 
 
 def train_victim(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -345,6 +345,52 @@ def _is_instance_spec(spec: Any) -> bool:
     return isinstance(spec, PixelCLIP)
 
 
+def train_clip(model: PixelCLIP, tokenizer, images: torch.Tensor, captions: Sequence[Sequence[str]], epochs: int,
+               batch_size: int = 64, lr: float = 5e-4, weight_decay: float = 0.1, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu", progress: bool = False, desc: str = "Training CLIP",
+               on_epoch: Callable[[PixelCLIP], str | None] | None = None, max_steps: int | None = None) -> PixelCLIP:  # fmt: skip
+    """Train a CLIP-style model from scratch on image-caption pairs: AdamW, 10 % warm-up then cosine, full
+    batches of ``batch_size``, one of each image's ``captions`` drawn per step, random crop + flip.
+
+    ``images``: (N, 3, R, R) in [0, 1]; ``captions``: N lists of strings. ``on_epoch(model)`` runs after
+    every epoch (the retrieval victim scores itself there) and may return text for the progress bar.
+    ``max_steps``: stop (and end the schedule) after that many steps if the epochs would take more.
+    """
+    from ..core.augment import BatchRandom, random_crop_flip
+    from ..core.progress import progress_bar
+    from ..core.schedules import warmup_cosine
+
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    flat = [c for caps in captions for c in caps]
+    ids = tokenizer(flat, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")["input_ids"]
+    counts = torch.tensor([len(c) for c in captions])
+    starts = torch.cumsum(counts, 0) - counts
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n = len(images)
+    bs = min(batch_size, n)
+    steps_per_epoch = max(1, n // bs)  # full batches only: a contrastive batch of 3 is a different task
+    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup=0.1))
+    bar = progress_bar(range(math.ceil(total / steps_per_epoch)), desc=desc, progress=progress)
+    for epoch in bar:
+        model.train()
+        order = torch.randperm(n, generator=gen)
+        for s in range(min(steps_per_epoch, total - epoch * steps_per_epoch)):
+            idx = order[s * bs : (s + 1) * bs]
+            pick = starts[idx] + (torch.rand(len(idx), generator=gen) * counts[idx]).long()  # one caption each
+            x = random_crop_flip(images[idx], BatchRandom(gen, len(idx))).to(device)
+            loss = contrastive_loss(model(x), model.encode_text(ids[pick].to(device)), model.scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        shown = on_epoch(model) if on_epoch is not None else None
+        if shown:
+            bar.set_postfix_str(shown)
+    model.eval()
+    return model
+
+
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
                      same: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
     """Symmetric InfoNCE of matching rows. ``same[i, j]``: rows i and j carry the same pair (augmented
@@ -361,5 +407,5 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
 
 __all__ = [
     "ContrastiveSurrogate", "ConvCLIP", "PixelCLIP", "TransformersCLIP", "build_clip", "caption_tokenizer", "contrastive_loss",
-    "encode_captions", "fresh_transformers_clip", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
+    "encode_captions", "fresh_transformers_clip", "train_clip", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
 ]  # fmt: skip
