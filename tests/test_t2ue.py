@@ -185,3 +185,20 @@ def test_cli_fits_once_and_protects_other_images_from_the_saved_protector(tmp_pa
         noise = loaded.noise_for_texts([src["caption"]], img.size, channels=1 if img.mode == "L" else 3)[0]
         assert (_expected(img, noise, loaded) == np.asarray(got["image"]).astype(int)).all()
     assert json.loads((out2 / "summary.json").read_text())["fit_seconds"] == 0
+    # hub_scripts/protect.py in a fresh process with the same saved protector: the same bytes, no fit
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    script_out = tmp_path / "script"
+    res = subprocess.run(
+        [sys.executable, str(REPO / "hub_scripts" / "protect.py"), "--dataset", str(mine), "--protector",
+         str(out / "protector"), "--output", str(script_out), "--quiet"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    script_ds = datasets.load_from_disk(str(script_out / "dataset"))
+    assert all((np.asarray(a["image"]) == np.asarray(b["image"])).all() for a, b in zip(script_ds, protected))
+    assert json.loads((script_out / "summary.json").read_text())["method"] == "t2ue"

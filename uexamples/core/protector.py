@@ -113,8 +113,14 @@ class Protector:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "paper": {}}
     # Config fields a loaded protector may take at run time without changing what it computes.
     RUNTIME_OPTIONS: ClassVar[tuple[str, ...]] = ("device", "batch_size", "batch_pixels")
+    # A config field that may be given a torch.nn.Module (a custom surrogate or encoder): the config keeps a
+    # name for it, the module lives in ``self._module`` and must be passed again to ``from_pretrained``.
+    MODULE_FIELD: ClassVar[str | None] = None
 
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
+        module = None
+        if self.MODULE_FIELD is not None and self.MODULE_FIELD in kwargs:
+            kwargs[self.MODULE_FIELD], module = self._module_as_config(kwargs[self.MODULE_FIELD])
         if preset not in self.PRESETS:
             raise ValueError(f"unknown preset {preset!r} for {self.method}; choose from {sorted(self.PRESETS)}")
         fields = {f.name for f in dataclasses.fields(self.config_class)}
@@ -132,12 +138,19 @@ class Protector:
         self.num_classes: int | None = None
         self._columns: Columns | None = None
         self._init_runtime()
+        self._module = module
 
     def _init_runtime(self) -> None:
         """Attributes that live only in this process (models, tensors): never pickled, never saved."""
         self._runtime: dict[str, Any] = {}
         self._accelerator: Any = None  # set only during a data-parallel fit
         self._checkpoint: tuple[Any, int] | None = None  # (directory, every) only during a checkpointed fit
+        self._module: Any = None  # the torch.nn.Module given for MODULE_FIELD, if any
+
+    @staticmethod
+    def _module_as_config(value: Any) -> tuple[Any, Any]:
+        """(what the config keeps, the module or None) for a value given to ``MODULE_FIELD``."""
+        return ("module", value) if isinstance(value, torch.nn.Module) else (value, None)
 
     def validate_config(self) -> None:
         """Check the config; run by the constructor *and* on every load (a saved config is input too)."""
@@ -388,6 +401,12 @@ class Protector:
 
     def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
         """Take the ``from_pretrained`` arguments a method understands (pop them); the rest is an error."""
+        if self.MODULE_FIELD is not None and self.MODULE_FIELD in kwargs:
+            module = kwargs.pop(self.MODULE_FIELD)
+            if module is not None and not isinstance(module, torch.nn.Module):
+                raise TypeError(f"from_pretrained({self.MODULE_FIELD}=...) takes the torch.nn.Module the protector was "
+                                f"fitted with, got {module!r}")  # fmt: skip
+            self._module = module
         if kwargs:
             raise TypeError(f"unexpected argument(s) {sorted(kwargs)} for {type(self).__name__}.from_pretrained")
 

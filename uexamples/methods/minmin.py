@@ -151,14 +151,13 @@ class MinMinProtector(AdditiveProtector):
     adversarial_training = True  # model phase on PGD examples (REM, SEM); EM trains on t(x + delta)
     surrogate_class: Any = Surrogate  # what _load_fitted rebuilds (a contrastive method: ContrastiveSurrogate)
 
+    MODULE_FIELD = "surrogate"
+    _module_as_config = staticmethod(spec_as_config)
+
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        module = None
         if "train_steps" in kwargs and "train_epochs" not in kwargs:
             kwargs["train_epochs"] = None  # an explicit number of steps is the fit's exact length, whatever the preset's rule
-        if "surrogate" in kwargs:
-            kwargs["surrogate"], module = spec_as_config(kwargs["surrogate"])
         super().__init__(preset=preset, **kwargs)
-        self._surrogate_module = module
 
     def validate_config(self) -> None:
         super().validate_config()
@@ -184,7 +183,6 @@ class MinMinProtector(AdditiveProtector):
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
-        self._surrogate_module: nn.Module | None = None
         self.passes = 0  # forward+backward passes, in images (for the speed benchmark)
 
     def planned_train_steps(self, images: int) -> int:
@@ -274,15 +272,10 @@ class MinMinProtector(AdditiveProtector):
         return Surrogate.build(spec, self.num_classes, trust_remote_code=self.config.trust_remote_code)
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._surrogate_module).to(self.device)
+        surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
                              rules=dict(meta.get("rules") or {}))  # fmt: skip
-
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
-        module = kwargs.pop("surrogate", None)
-        self._surrogate_module = module if isinstance(module, nn.Module) else None
-        super()._accept_runtime_kwargs(kwargs)
 
     # ------------------------------------------------------------------ hooks
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -380,7 +373,7 @@ class MinMinProtector(AdditiveProtector):
         cfg = self.config
         dp = DataParallel(self._accelerator, int(cfg.fit_shards))
         torch.manual_seed(cfg.seed)  # weight initialisation (the same on every process)
-        spec = self._surrogate_module if self._surrogate_module is not None else cfg.surrogate
+        spec = self._module if self._module is not None else cfg.surrogate
         surrogate = self._build_surrogate(spec, dataset, columns)
         self._runtime = {"surrogate": surrogate, "dp": dp}
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)

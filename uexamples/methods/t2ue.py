@@ -74,6 +74,7 @@ GENERATOR_PREFIX = "generator."
 # the map needs only the text side of the surrogate: weights named after its image tower are not saved
 IMAGE_PARTS = ("vision", "visual")
 OBJECTIVES = ("frozen", "joint")
+LEARNER_INITS = ("surrogate", "scratch")
 
 
 @dataclasses.dataclass
@@ -96,6 +97,10 @@ class T2UEConfig(AdditiveConfig):
                             "or joint: a copy of it that keeps training on the protected pairs at every generator step "
                             "(both minimise the same loss, as min-min error-minimising noise trains its surrogate)",
                             choices=OBJECTIVES)  # fmt: skip
+    learner_init: str = option("surrogate", "where the joint objective's learner starts: a copy of the surrogate, or "
+                               "from scratch (as a victim does)", choices=LEARNER_INITS)  # fmt: skip
+    noise_grid: int | None = option(None, "pixels a side the generator outputs (8, 16, 32, 64, ...), resized to the "
+                                    "working grid: coarser noise is cheaper (default: the working resolution)")  # fmt: skip
     native_up_to: int = option(64, "images that all share one size of at most this many pixels a side are worked at "
                                "that size; others on a 64 px grid (unless resolution is set)")  # fmt: skip
 
@@ -158,6 +163,7 @@ class TextNoiseGenerator(nn.Module):
             self.start = nn.Parameter(torch.randn(1, self.top, 4, 4))
         self.blocks = nn.ModuleList(UpBlock(channels[i], channels[i + 1], text_dim) for i in range(blocks))
         self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(), nn.Conv2d(channels[-1], 3, 3, padding=1))
+        self.to(memory_format=torch.channels_last)  # oneDNN's narrow convolutions: 1.7x faster on CPU (measured)
 
     def forward(self, text: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         h = self.fc(z).view(-1, self.top, 4, 4) if self.noise_dim else self.start.expand(len(text), -1, -1, -1)
@@ -252,12 +258,7 @@ class T2UEProtect(AdditiveProtector):
     PRESETS = {"paper": PAPER, "fast": FAST}
     CACHE_SIZE = 4096  # noises of recent captions kept (class-name captions repeat on every row)
 
-    def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        module = kwargs.get("surrogate")
-        if isinstance(module, nn.Module):
-            kwargs["surrogate"] = "module"
-        super().__init__(preset=preset, **kwargs)
-        self._surrogate_module = module if isinstance(module, nn.Module) else None
+    MODULE_FIELD = "surrogate"
 
     def validate_config(self) -> None:
         super().validate_config()
@@ -271,6 +272,10 @@ class T2UEProtect(AdditiveProtector):
             check_int(cfg, "max_steps")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
+        if cfg.learner_init not in LEARNER_INITS:
+            raise ValueError(f"learner_init must be one of {LEARNER_INITS}, got {cfg.learner_init!r}")
+        if cfg.noise_grid is not None:
+            check_int(cfg, "noise_grid", minimum=8)
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
         if cfg.epsilon is None:
@@ -279,11 +284,6 @@ class T2UEProtect(AdditiveProtector):
     def _init_runtime(self) -> None:
         super()._init_runtime()
         self._noise_cache: OrderedDict[int, torch.Tensor] = OrderedDict()
-
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
-        module = kwargs.pop("surrogate", None)
-        self._surrogate_module = module if isinstance(module, nn.Module) else None
-        super()._accept_runtime_kwargs(kwargs)
 
     @classmethod
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
@@ -331,7 +331,7 @@ class T2UEProtect(AdditiveProtector):
         gen = torch.Generator().manual_seed(cfg.seed)
         dev = self.device
         captions = [caption_of(v, r) for r, v in enumerate(dataset[columns.text])]
-        spec = self._surrogate_module if cfg.surrogate == "module" else cfg.surrogate
+        spec = self._module if self._module is not None else cfg.surrogate
         surrogate = ContrastiveSurrogate.build(spec, captions, trust_remote_code=cfg.trust_remote_code).to(dev)
         res = self._choose_resolution(dataset, columns.image)
         self._runtime["resolution"] = res
@@ -353,7 +353,7 @@ class T2UEProtect(AdditiveProtector):
         # rows with the same caption are not each other's negatives (class-name captions)
         _, caption_ids = np.unique([json.dumps(c) for c in captions], return_inverse=True)
         caption_ids = torch.from_numpy(caption_ids.reshape(-1))
-        g = TextNoiseGenerator(text.shape[1], generator_size(res), float(cfg.epsilon), int(cfg.noise_dim),
+        g = TextNoiseGenerator(text.shape[1], generator_size(cfg.noise_grid or res), float(cfg.epsilon), int(cfg.noise_dim),
                                int(cfg.generator_width)).to(dev)  # fmt: skip
         n, bs = len(x), min(int(cfg.train_batch_size), len(x))
         steps_per_epoch = max(1, n // bs)
@@ -366,7 +366,11 @@ class T2UEProtect(AdditiveProtector):
         opt = torch.optim.Adam(g.parameters(), lr=float(cfg.lr), betas=(0.5, 0.999))
         learner, learner_opt, ids = model, None, None
         if cfg.objective == "joint":  # a copy of the surrogate that goes on learning from the protected pairs
-            learner = copy.deepcopy(model).requires_grad_(True).train()
+            if cfg.learner_init == "scratch" and surrogate.desc.get("kind") != "module":  # a custom module: copied
+                learner = ContrastiveSurrogate.rebuild(surrogate.desc, None, self._module).to(dev).model
+            else:
+                learner = copy.deepcopy(model)
+            learner = learner.requires_grad_(True).train()
             learner_opt = torch.optim.AdamW(learner.parameters(), lr=5e-4, weight_decay=0.1)
             ids = encode_captions(surrogate.tokenizer, captions, int(cfg.captions_per_image))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
@@ -495,7 +499,7 @@ class T2UEProtect(AdditiveProtector):
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         dev = self.device
-        surrogate = ContrastiveSurrogate.rebuild(meta["surrogate"], None, self._surrogate_module)
+        surrogate = ContrastiveSurrogate.rebuild(meta["surrogate"], None, self._module)
         mine = {k[len("surrogate.") :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("surrogate.")}
         missing = [k for k in mine if k not in surrogate.model.state_dict()]
         if missing or not mine:

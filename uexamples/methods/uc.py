@@ -187,12 +187,7 @@ class UCProtect(AdditiveProtector):
             + (" (shipped with uexamples: a CIFAR ResNet-20 trained on the CIFAR-10 train set)." if enc == DEFAULT_ENCODER else "."),
         ]
 
-    def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
-        module = kwargs.get("encoder")
-        if isinstance(module, nn.Module):
-            kwargs["encoder"] = "module"
-        super().__init__(preset=preset, **kwargs)
-        self._encoder_module = module if isinstance(module, nn.Module) else None
+    MODULE_FIELD = "encoder"
 
     def validate_config(self) -> None:
         super().validate_config()
@@ -214,17 +209,6 @@ class UCProtect(AdditiveProtector):
         if not isinstance(cfg.encoder, str) or not cfg.encoder:
             raise TypeError(f"encoder must be a Hub id, a folder, a weights file or a torch.nn.Module, got {cfg.encoder!r}")
 
-    def _init_runtime(self) -> None:
-        super()._init_runtime()
-        self._encoder_module: nn.Module | None = None
-
-    def _accept_runtime_kwargs(self, kwargs: dict[str, Any]) -> None:
-        module = kwargs.pop("encoder", None)
-        if module is not None and not isinstance(module, nn.Module):
-            raise TypeError(f"from_pretrained(encoder=...) takes the torch.nn.Module the protector was fitted with, got {module!r}")
-        self._encoder_module = module
-        super()._accept_runtime_kwargs(kwargs)
-
     # ------------------------------------------------------------------ encoder
     def encoder(self) -> FeatureEncoder:
         """The frozen encoder (loaded once per process, from its description after a load or an unpickling)."""
@@ -232,11 +216,11 @@ class UCProtect(AdditiveProtector):
         if enc is None:
             desc = self._runtime.get("encoder_desc")
             if desc is not None:
-                enc = rebuild_encoder(desc, self._encoder_module)
+                enc = rebuild_encoder(desc, self._module)
             elif self.config.encoder == "module":
-                if self._encoder_module is None:
+                if self._module is None:
                     raise ValueError("this protector uses a custom encoder module: pass it again (encoder=...)")
-                enc = load_encoder(self._encoder_module)
+                enc = load_encoder(self._module)
             else:
                 enc = load_encoder(self.config.encoder, trust_remote_code=self.config.trust_remote_code)
             enc = enc.to(self.device)
