@@ -30,7 +30,8 @@ from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and
 from uexamples.evaluation import dataset_quality
 from uexamples.evaluation.retrieval import METRICS, chance_levels, load_pairs, relative_recall, train_retrieval_victim
 
-TARGET = 0.4  # the issue's target: protected R@10 <= chance + 0.4 * (clean - chance), both directions
+TARGET = 0.4  # the image-text issue's target for MEM: protected R@10 <= chance + 0.4 * (clean - chance), both directions
+T2UE_TARGET = 0.5  # the T2UE issue's: at most chance + 0.5 * (clean - chance)
 
 
 def random_noise(ds: datasets.Dataset, epsilon: float, seed: int) -> datasets.Dataset:
@@ -84,6 +85,8 @@ def run(args) -> None:
             row.update(generation)
             if cached is not None:
                 protected.save_to_disk(str(cached / "dataset"))
+                if method not in ("clean", "random"):  # the fitted protector too (T2UE: reused on other data)
+                    protector.save_pretrained(cached / "protector")
                 (cached / "generation.json").write_text(json.dumps(generation, default=float))
         if method != "clean":
             row["quality"] = dataset_quality(train, protected, "image", limit=None)
@@ -101,6 +104,16 @@ def run(args) -> None:
         (RESULTS / f"image_text_{name}{recipe_tag}_{method.replace('/', '_')}{args.suffix}.json").write_text(json.dumps(row, indent=2, default=float))
 
 
+def _clean_on_seeds(rows: list[dict], dataset: str, victim: str, seeds: tuple) -> dict | None:
+    """The clean row's runs on ``seeds`` (a group of exploration runs has no clean row of its own)."""
+    for r in rows:
+        if r["method"] == "clean" and r["dataset"] == dataset and json.dumps(r["victim"], sort_keys=True) == victim:
+            runs = [run for s, run in zip(r["seeds"], r["runs"]) if s in seeds]
+            if len(runs) == len(seeds):
+                return {"final": {k: {"mean": float(np.mean([run["final"][k] for run in runs]))} for k in METRICS}}
+    return None
+
+
 def table() -> str:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("image_text_*.json"))]
     groups: dict = {}
@@ -112,12 +125,14 @@ def table() -> str:
         v = json.loads(victim)
         first = members[0]
         chance = chance_levels(first["test_images"], first["test_captions"])
-        clean = next((m for m in members if m["method"] == "clean"), None)
+        clean = next((m for m in members if m["method"] == "clean"), None) or _clean_on_seeds(rows, dataset, victim, seeds)
         lines += [
             f"**{dataset}** ({first['train_images']} train pairs; test {first['test_images']} images / {first['test_captions']} "
             f"captions), victim `{v['arch']}` from scratch, {v['epochs']} epochs at {v['resolution']} px, seeds "
             f"{','.join(map(str, seeds))} (mean ± std of the final epoch); {first['machine']['cpu_threads']} thread(s). "
-            f"Relative = (R@10 - chance) / (clean R@10 - chance); target ≤ {TARGET} in both directions.",
+            f"Relative = (R@10 - chance) / (clean R@10 - chance"
+            + (")" if any(m["method"] == "clean" for m in members) else f" of the clean runs with seeds {','.join(map(str, seeds))})")
+            + f"; targets in both directions: MEM ≤ {TARGET}, T2UE ≤ {T2UE_TARGET}.",
             "",
             "| method | I→T R@1 | R@5 | R@10 | median rank | T→I R@1 | R@5 | R@10 | median rank | relative R@10 I→T / T→I | generation (s) | PSNR (dB) | SSIM |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -96,11 +96,12 @@ def test_save_load_reload_identical_and_only_the_text_side_is_saved(tmp_path, pa
 
 
 def test_the_generated_noise_matches_images_to_their_captions_unlike_random_noise():
-    """Catches a generator replaced by random noise of the same bound: against the frozen surrogate, the
-    generated noise must make real Flickr images match their own captions far better than random noise."""
+    """Catches a generator replaced by random noise of the same bound: against the frozen surrogate (the
+    paper's objective), the generated noise must make real Flickr images match their own captions better,
+    by a margin random noise does not come near."""
     ds = shared_dataset("flickr8k-1k").select(range(64))
-    protector = ue.T2UEProtect(seed=0, surrogate_epochs=4, epochs=12, train_batch_size=16, generator_width=4,
-                               resolution=32).fit(ds, progress=False)  # fmt: skip
+    protector = ue.T2UEProtect(seed=0, objective="frozen", surrogate_epochs=10, epochs=30, lr=1e-2, train_batch_size=16,
+                               generator_width=4, resolution=32).fit(ds, progress=False)  # fmt: skip
     from uexamples.core.loading import load_split
 
     x = load_split(ds, "image", 32).images
@@ -114,7 +115,7 @@ def test_the_generated_noise_matches_images_to_their_captions_unlike_random_nois
             return float(contrastive_loss(model(images.clamp(0, 1)), text, model.scale))
 
     clean, generated, random = loss(x), loss(x + noise), loss(x + rnd)
-    assert generated < 0.8 * min(clean, random), (clean, generated, random)
+    assert abs(random - clean) < 0.05 and generated < min(clean, random) - 0.15, (clean, generated, random)
     assert protector.fit_stats["final_loss"] < protector.fit_stats["first_loss"]
 
 
