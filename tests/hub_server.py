@@ -1,7 +1,7 @@
 """A small HTTP server on 127.0.0.1 that speaks enough of the Hugging Face Hub API for the real
 ``huggingface_hub`` client and ``datasets`` to push a dataset, commit a card and load it back.
 
-Implements: repo creation, repo info, tree listing, paths-info, preupload (text files inline,
+Implements, for dataset and model repos: repo creation, repo info, tree listing, paths-info, preupload (text files inline,
 binary files through the basic LFS batch API; Xet must be disabled with HF_HUB_DISABLE_XET=1),
 commits (ndjson), resolve (GET/HEAD),
 validate-yaml and whoami. Tokens are checked (``Bearer <token>``). Faults can be injected: answer
@@ -136,8 +136,13 @@ class LocalHub:
         status = self._route(h, method, path, query, body)
         self.log.append(f"{method} {path} {status}")
 
+    @staticmethod
+    def key(kind: str, repo_id: str) -> str:
+        """Where a repo is kept in ``repos``: dataset repos by their id (as the tests name them), models as 'models/<id>'."""
+        return repo_id if kind == "datasets" else f"models/{repo_id}"
+
     def _route(self, h, method, path, query, body) -> int:
-        m = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit)/([^/]+)(/.*)?)?", path)
+        m = re.fullmatch(r"/api/(datasets|models)/([^/]+/[^/]+)(?:/(revision|tree|paths-info|preupload|commit)/([^/]+)(/.*)?)?", path)
         if path == "/api/whoami-v2":
             self._reply(h, 200, {"type": "user", "name": self.user, "orgs": [], "auth": {"type": "access_token",
                                  "accessToken": {"displayName": "test", "role": "write"}}})  # fmt: skip
@@ -148,15 +153,17 @@ class LocalHub:
         if path == "/api/repos/create" and method == "POST":
             req = json.loads(body or b"{}")
             repo_id = f"{req.get('organization') or self.user}/{req['name']}" if "/" not in req["name"] else req["name"]
-            if repo_id in self.repos:
-                self._reply(h, 409, {"error": "You already created this dataset repo", "url": f"{self.url}/datasets/{repo_id}"})
+            kind = "datasets" if req.get("type") == "dataset" else "models"
+            url = f"{self.url}/datasets/{repo_id}" if kind == "datasets" else f"{self.url}/{repo_id}"
+            if self.key(kind, repo_id) in self.repos:
+                self._reply(h, 409, {"error": "You already created this repo", "url": url})
                 return 409
-            self.repos[repo_id] = Repo(private=bool(req.get("private")))
-            self._reply(h, 200, {"url": f"{self.url}/datasets/{repo_id}", "name": repo_id})
+            self.repos[self.key(kind, repo_id)] = Repo(private=bool(req.get("private")))
+            self._reply(h, 200, {"url": url, "name": repo_id})
             return 200
         if m:
-            repo_id, action, rest = m.group(1), m.group(2), (m.group(4) or "").lstrip("/")  # one branch: revisions ignored
-            repo = self.repos.get(repo_id)
+            repo_id, action, rest = m.group(2), m.group(3), (m.group(5) or "").lstrip("/")  # one branch: revisions ignored
+            repo = self.repos.get(self.key(m.group(1), repo_id))
             if repo is None:
                 self._reply(h, 404, {"error": "Repository not found"}, method=method, error_code="RepoNotFound")
                 return 404
@@ -181,7 +188,7 @@ class LocalHub:
                 return 200
             if action == "commit":
                 return self._commit(h, repo_id, repo, body)
-        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+        m = re.fullmatch(r"(?:/datasets)?/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if m and method == "POST":
             req = json.loads(body)
             objects = []
@@ -200,13 +207,13 @@ class LocalHub:
             self.blobs[m.group(1)] = body
             self._reply(h, 200, b"")
             return 200
-        m = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        m = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if m:
-            repo = self.repos.get(m.group(1))
+            repo = self.repos.get(self.key("datasets" if m.group(1) else "models", m.group(2)))
             if repo is None:
                 self._reply(h, 404, b"", method=method, error_code="RepoNotFound")
                 return 404
-            data = repo.files.get(m.group(3))
+            data = repo.files.get(m.group(4))
             if data is None:
                 self._reply(h, 404, b"", method=method, error_code="EntryNotFound")
                 return 404

@@ -160,3 +160,62 @@ def test_card_wording_follows_the_measured_visibility():
     blur = render_card({**base, "method": "cuda", "mean_psnr": 19.0, "mean_ssim": 0.62}, "me/x", "mit")
     assert "People still see the same pictures" in faint and "visible" not in faint.split("## What was done")[0]
     assert "People still see" not in blur and "The change is **visible**" in blur and "19.00 dB" in blur
+
+
+# ---------------------------------------------------------------------------------- protectors on the Hub
+def _python(code: str, env: dict, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=cwd)  # fmt: skip
+
+
+def test_protectors_pushed_to_the_hub_load_back_by_repo_id_in_a_fresh_process(tmp_path, local_hub):
+    """A fitted SEM and a CUDA protector go to model repos and come back by repo id, in another process,
+    with identical output; the key and the token are in no uploaded file and no request; the model card
+    names the method and what it was fitted on; offline, the cached copy loads."""
+    env = hub_env(tmp_path, local_hub)
+    common = f"""
+        import numpy as np, uexamples as ue
+        ds = ue.load_sample_dataset().select(range(40))
+        def pixels(p):
+            return np.stack([np.asarray(im, dtype=np.int16) for im in ds.map(p, batched=True)["image"]])
+        KEY = {KEY}
+    """
+    pushed = _python(common + """
+        sem = ue.SEMProtect(seed=1, surrogate="tinycnn", train_steps=3, train_batch_size=16, final_noise_steps=2).fit(ds, progress=False)
+        print(sem.push_to_hub("tester/sem-protector"))
+        cuda = ue.CUDAProtect(key=KEY, num_classes=10)
+        cuda.push_to_hub("tester/cuda-protector", private=True)
+        np.save("sem.npy", pixels(sem)); np.save("cuda.npy", pixels(cuda))
+    """, env, tmp_path)  # fmt: skip
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    assert {"protector_config.json", "protector.safetensors", "README.md"} <= set(local_hub.repos["models/tester/sem-protector"].files)
+    loaded = _python(common + """
+        sem = ue.Protector.from_pretrained("tester/sem-protector")
+        cuda = ue.Protector.from_pretrained("tester/cuda-protector", key=KEY)
+        assert type(sem).__name__ == "SEMProtect" and sem.fitted_on["rows"] == 40, sem.fitted_on
+        assert (pixels(sem) == np.load("sem.npy")).all() and (pixels(cuda) == np.load("cuda.npy")).all()
+        try:
+            ue.Protector.from_pretrained("tester/cuda-protector")
+        except ValueError as exc:
+            assert "key" in str(exc)
+        else:
+            raise AssertionError("a CUDA protector loaded without its key")
+        try:
+            ue.Protector.from_pretrained("tester/nothing-here")
+        except FileNotFoundError as exc:
+            print("missing:", exc)
+    """, env, tmp_path)  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert "neither a folder nor a model repository" in loaded.stdout
+    offline = _python(common + """
+        sem = ue.Protector.from_pretrained("tester/sem-protector")   # from the cache: HF_HUB_OFFLINE=1
+        assert (pixels(sem) == np.load("sem.npy")).all()
+    """, {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}, tmp_path)  # fmt: skip
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    secrets = (KEY.encode(), local_hub.token.encode())
+    uploaded = [d for r in local_hub.repos.values() for d in r.files.values()] + list(local_hub.blobs.values())
+    assert not any(s in d for s in secrets for d in uploaded)
+    assert not any(KEY.encode() in b for b in local_hub.bodies)
+    card = local_hub.repos["models/tester/sem-protector"].files["README.md"].decode()
+    assert "library_name: uexamples" in card and "SEM" in card and "Fitted on" in card and "40 rows" in card
+    assert "key=...)" in local_hub.repos["models/tester/cuda-protector"].files["README.md"].decode()

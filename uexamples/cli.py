@@ -106,9 +106,16 @@ def build_protector(args: argparse.Namespace):
 
 def saved_method(path: str) -> str:
     """The method of a protector saved with ``save_pretrained`` (read before the parser is built)."""
-    from .core.protector import CONFIG_NAME
+    from .core.protector import CONFIG_NAME, HUB_ID
 
     config = Path(path) / CONFIG_NAME
+    if not Path(path).exists() and HUB_ID.fullmatch(path):  # a protector pushed to the Hub
+        from .hub import download_protector
+
+        try:
+            config = download_protector(path) / CONFIG_NAME
+        except FileNotFoundError as exc:
+            raise CLIError(f"--protector {path}: {exc}") from None
     if not config.is_file():
         raise CLIError(f"--protector {path}: no {CONFIG_NAME} there (a folder written by save_pretrained, or the "
                        "protector/ folder of a `uexamples protect` output)")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import errors as hf_errors
 
@@ -27,8 +28,8 @@ class PublishError(RuntimeError):
     """The Hub refused or dropped the upload; the local output is untouched and a rerun retries."""
 
 
-def _explain(exc: BaseException, repo_id: str, out_dir: Path) -> PublishError:
-    keep = f"The local output is kept in {out_dir}; run the same command again to finish the push."
+def _explain(exc: BaseException, repo_id: str, out_dir: Path | None) -> PublishError:
+    keep = f" The local output is kept in {out_dir}; run the same command again to finish the push." if out_dir else ""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status == 401 or status == 403:
         why = f"the Hub refused the credentials ({status}): set HF_TOKEN or run `hf auth login` with a write token for {repo_id!r}"
@@ -40,7 +41,7 @@ def _explain(exc: BaseException, repo_id: str, out_dir: Path) -> PublishError:
         why = f"the Hub answered {status} while publishing {repo_id!r}"
     else:
         why = f"the connection to the Hub failed while publishing {repo_id!r} ({type(exc).__name__})"
-    return PublishError(f"{why}. {keep}")
+    return PublishError(f"{why}.{keep}")
 
 
 def publish(out_dir: str | Path, repo_id: str, private: bool = False, evaluation: str | Path | None = None,
@@ -82,3 +83,97 @@ def publish(out_dir: str | Path, repo_id: str, private: bool = False, evaluation
     except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:  # HfHubHTTPError is an OSError; LFS failures a RuntimeError
         raise _explain(exc, repo_id, out_dir) from None
     return f"{api.endpoint}/datasets/{repo_id}"
+
+
+# ---------------------------------------------------------------------------------------- protectors on the Hub
+class ProtectorNotFound(FileNotFoundError):
+    """A protector could not be found as a folder or a Hub model repository."""
+
+
+def download_protector(repo_id: str, revision: str | None = None, token: str | bool | None = None,
+                       cache_dir: str | Path | None = None, local_files_only: bool = False) -> Path:  # fmt: skip
+    """The local folder of a protector on the Hub (model repo ``repo_id``): its config and weights, downloaded
+    into (or, offline, read from) huggingface_hub's cache. ``HF_HUB_OFFLINE=1`` works as for transformers."""
+    from huggingface_hub import constants, hf_hub_download
+
+    from .core.protector import CONFIG_NAME, WEIGHTS_NAME
+
+    offline = bool(local_files_only or constants.HF_HUB_OFFLINE)
+    try:
+        paths = [hf_hub_download(repo_id, name, revision=revision, token=token, cache_dir=cache_dir,
+                                 local_files_only=offline) for name in (CONFIG_NAME, WEIGHTS_NAME)]  # fmt: skip
+    except hf_errors.RepositoryNotFoundError:
+        raise ProtectorNotFound(f"{repo_id!r} is neither a folder nor a model repository on the Hub that this token "
+                                "can read") from None  # fmt: skip
+    except hf_errors.RevisionNotFoundError:
+        raise ProtectorNotFound(f"the Hub repository {repo_id!r} has no revision {revision!r}") from None
+    except hf_errors.EntryNotFoundError:
+        raise ProtectorNotFound(f"the Hub repository {repo_id!r} holds no uexamples protector ({CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME}): was it pushed with protector.push_to_hub?") from None  # fmt: skip
+    except hf_errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "local_files_only=True" if local_files_only else "the Hub cannot be reached"
+        raise ProtectorNotFound(f"protector {repo_id!r} is not in the local cache and {why}") from None
+    except (*_TRANSPORT_ERRORS, OSError) as exc:
+        raise ProtectorNotFound(f"protector {repo_id!r} could not be downloaded ({type(exc).__name__}: {exc})") from None
+    return Path(paths[0]).parent
+
+
+def protector_card(protector: Any, repo_id: str) -> str:
+    """A model card for a fitted protector: what it does, the paper, the config (no secret), what it was fitted on."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = protector.public_config()
+    fitted = protector.fitted_on or {}
+    data = ModelCardData(library_name="uexamples", tags=["uexamples", "unlearnable-examples", protector.method])
+    lines = [
+        f"# {repo_id.split('/')[-1]}: a fitted {protector.title or protector.method} protector",
+        "",
+        f"A [uexamples](https://github.com/uexamples/uexamples) protector: `{protector.method}`, fitted, ready to protect "
+        "images so that models trained on them learn a shortcut instead of the content.",
+        "",
+        f"- Method: {protector.title or protector.method}. {protector.summary}",
+        f"- Paper: {protector.paper}" if protector.paper else "",
+        f"- Fitted on: {fitted.get('dataset') or 'a dataset not named by its owner'}"
+        + (f" ({fitted['rows']} rows)" if fitted.get("rows") else ""),
+        *(f"- {name}: {decision}" for name, decision in protector.rules.items()),
+        *([f"- {note}" for note in protector.card_notes(config)]),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import uexamples as ue",
+        "",
+        f'protector = ue.Protector.from_pretrained("{repo_id}"'
+        + (", key=...)  # the private key is never published" if protector.secret_names() else ")"),
+        "protected = dataset.map(protector, batched=True)",
+        "```",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=2, sort_keys=True, default=str),
+        "```",
+    ]
+    if protector.citation:
+        lines += ["", "## Citation", "", "```bibtex", protector.citation, "```"]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(line for line in lines if line is not None) + "\n"))
+
+
+def push_protector(protector: Any, repo_id: str, private: bool = False, token: str | None = None,
+                   commit_message: str | None = None, revision: str | None = None) -> str:  # fmt: skip
+    """Save ``protector`` and upload it with its model card to the model repo ``repo_id`` (created if needed)."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = protector.save_pretrained(Path(tmp) / "protector")
+        (folder / "README.md").write_text(protector_card(protector, repo_id))
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                                     commit_message=commit_message or f"uexamples: fitted {protector.method} protector")  # fmt: skip
+        except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:
+            raise _explain(exc, repo_id, None) from None
+    return str(getattr(info, "commit_url", None) or f"{api.endpoint}/{repo_id}")

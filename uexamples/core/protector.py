@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -32,6 +33,7 @@ from .registry import get_method, methods_without
 logger = get_logger(__name__)
 
 CONFIG_NAME = "protector_config.json"
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # what from_pretrained reads as a Hub repo id when no such folder exists
 WEIGHTS_NAME = "protector.safetensors"
 
 
@@ -136,6 +138,7 @@ class Protector:
         }  # fmt: skip
         self.fitted = False
         self.num_classes: int | None = None
+        self.fitted_on: dict[str, Any] | None = None  # what fit saw: dataset name (when it has one), rows, fingerprint
         self._columns: Columns | None = None
         self._init_runtime()
         self._module = module
@@ -209,6 +212,8 @@ class Protector:
             self._accelerator = None
             self._checkpoint = None
         self.fitted = True
+        self.fitted_on = {"dataset": dataset.info.dataset_name or None, "rows": len(dataset),
+                          "fingerprint": getattr(dataset, "_fingerprint", None)}  # fmt: skip
         stats = getattr(self, "fit_stats", None) or {}
         done = f"; {stats['steps']} steps" if stats.get("steps") is not None else ""
         if stats.get("train_accuracy") is not None:
@@ -484,6 +489,7 @@ class Protector:
             "num_classes": self.num_classes,
             "fitted_meta": self._fitted_meta() if self.fitted else {},
             "columns": dataclasses.asdict(self._columns) if self._columns else None,
+            "fitted_on": self.fitted_on,
         }
 
     def __repr__(self) -> str:
@@ -528,6 +534,7 @@ class Protector:
         self._secret_fingerprints = fingerprints
         self.fitted = bool(state["fitted"])
         self.num_classes = state["num_classes"]
+        self.fitted_on = state.get("fitted_on")  # absent in protectors saved before uexamples recorded it
         self._columns = Columns(**state["columns"]) if state.get("columns") else None
         self._init_runtime()
         self._accept_runtime_kwargs(runtime)
@@ -572,17 +579,39 @@ class Protector:
         (path / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))
         return path
 
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    commit_message: str | None = None, revision: str | None = None) -> str:  # fmt: skip
+        """Upload this fitted protector (config, weights, a model card) to the Hub model repo ``repo_id``, as
+        transformers models are pushed; load it anywhere with ``Protector.from_pretrained(repo_id)``.
+        Secrets (the CUDA key) are never uploaded: the loader passes them again. Returns the commit URL."""
+        if self.needs_fit and not self.fitted:
+            raise NotFittedError("fit the protector before pushing it: an unfitted one protects nothing")
+        from ..hub import push_protector
+
+        return push_protector(self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision)
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **runtime_kwargs: Any) -> "Protector":
-        """Load a protector saved with :meth:`save_pretrained`.
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, **runtime_kwargs: Any) -> "Protector":  # fmt: skip
+        """Load a protector saved with :meth:`save_pretrained` (a folder) or pushed with :meth:`push_to_hub`
+        (a Hub model repo id; ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and ``HF_HUB_OFFLINE``
+        as in transformers).
 
         ``runtime_kwargs`` supply what is never saved (secrets such as the CUDA ``key``) or override
         run-time options (``device``, ``batch_size``). ``Protector.from_pretrained`` picks the saved
         method's class.
         """
+        directory = Path(name_or_path)
+        if not directory.is_dir():
+            if directory.exists() or not HUB_ID.fullmatch(str(name_or_path)):
+                raise FileNotFoundError(f"no {CONFIG_NAME} in {name_or_path}: not a saved uexamples protector")
+            from ..hub import download_protector  # a Hub model repo id ("user/name")
+
+            directory = download_protector(str(name_or_path), revision, token, cache_dir, local_files_only)
         from safetensors.numpy import load_file
 
-        path = Path(directory)
+        path = directory
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a saved uexamples protector")
         state = json.loads((path / CONFIG_NAME).read_text())

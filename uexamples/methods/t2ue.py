@@ -1,9 +1,8 @@
 """T2UE: unlearnable noise from the caption alone (Ma et al., arXiv 2508.03091).
 
 A generator ``G(emb_t, z)`` turns a caption's embedding by a frozen CLIP text encoder into noise bounded
-by epsilon; it is trained so that ``image + G(emb_t, z)`` matches its caption for a frozen CLIP (InfoNCE):
-the noise carries the caption, and a model trained on the pairs learns that shortcut instead of the
-pictures. After the fit, a row's noise is a function of its caption, the seed and the image size only,
+by epsilon; it is trained so that ``image + G(emb_t, z)`` matches its caption for a CLIP (InfoNCE): the
+noise carries the caption, and a model trained on the pairs learns that shortcut instead of the pictures. After the fit, a row's noise is a function of its caption, the seed and the image size only,
 so whoever holds the fitted protector can protect images it never sees: the image is read only to add
 the noise (:meth:`T2UEProtect.noise_for_texts` gives the noise with no image at all).
 
@@ -14,13 +13,24 @@ Fit (``fit`` on image-caption pairs):
    (``surrogate_epochs``; :func:`~uexamples.surrogates.contrastive.train_clip`) standing in for the
    public CLIP the paper uses; then frozen;
 2. every row's caption embedding, once (the text tower is frozen): the mean direction of its captions;
-3. the generator (below), Adam with cosine decay, ``epochs`` passes over the pairs, to minimise the
-   symmetric InfoNCE of ``f_I(crop_flip(x + G(emb_t, z)))`` and ``emb_t`` (rows with the same caption are
-   not negatives of each other: class-name captions).
+3. the generator (below), Adam with cosine decay, ``epochs`` passes over the pairs (at most ``max_steps``
+   steps), to minimise the symmetric InfoNCE of ``f_I(crop_flip(x + G(emb_t, z)))`` against the captions
+   (rows with the same caption are not negatives of each other: class-name captions). ``objective``:
+
+   - ``"frozen"`` (the paper, ``preset="paper"``): ``f`` is the frozen surrogate and the captions its
+     ``emb_t``;
+   - ``"joint"`` (``preset="fast"``): ``f`` is a learner CLIP (from scratch with ``learner_init="scratch"``)
+     that trains on the protected pairs at every generator step, both minimising the same loss, as the
+     min-min engine trains its surrogate. Measured on flickr8k-1k against a CLIP trained from scratch
+     (benchmarks/README.md, "T2UE"): the paper's frozen objective, with the small offline surrogate in place
+     of a public CLIP, left that victim near its clean recall; the joint learner from scratch with noise
+     generated on an 8 px grid (``noise_grid``: smooth, large patterns, which a fresh model picks up first)
+     is what brought it down. The conditions ``emb_t`` always come from the frozen surrogate's text tower,
+     which is what the saved protector keeps.
 
 Generator (SSA-GAN shaped, as the paper adapts it): ``z`` (``noise_dim``) through a fully connected layer to
-4 x 4 x (8 x ``generator_width``) channels, then one up-sampling residual block per doubling to the working
-size (4 at 64 px; SSA-GAN's 7 reach 256 px) whose normalisations take their per-channel scale and shift
+4 x 4 x (8 x ``generator_width``) channels, then one up-sampling residual block per doubling to the noise
+grid (``noise_grid``, resized to the working grid; 4 blocks to 64 px, SSA-GAN's 7 reach 256 px) whose normalisations take their per-channel scale and shift
 from ``emb_t``, a 3 x 3 convolution and ``epsilon * tanh``. In training ``z ~ N(0, I)`` (the paper); at map
 time ``z`` is drawn from a generator seeded by the seed and the caption's text, so the same caption at the
 same size always gets the same noise.
@@ -249,8 +259,8 @@ class T2UEProtect(AdditiveProtector):
 
     method = "t2ue"
     title = "T2UE (text-to-unlearnable-example generator)"
-    summary = ("A generator trained against a frozen CLIP turns each caption into bounded noise that makes the image "
-               "match its caption; the noise depends on the caption alone (Ma et al., 2025).")  # fmt: skip
+    summary = ("A generator trained against a CLIP turns each caption into bounded noise that makes the image match "
+               "its caption; the noise depends on the caption alone (Ma et al., 2025).")  # fmt: skip
     paper = "Ma et al., *T2UE: Generating Unlearnable Examples from Text Descriptions*, arXiv 2508.03091, 2025"
     citation = (
         "@article{ma2025t2ue,\n  title={T2UE: Generating Unlearnable Examples from Text Descriptions},\n"
@@ -334,6 +344,10 @@ class T2UEProtect(AdditiveProtector):
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
         cfg = self.config
         started = time.time()
+        if self._accelerator is not None and int(self._accelerator.num_processes) > 1:
+            # the same seed and data give every process the same generator; the map is what is shared
+            logger.warning("T2UE fits on each of the %d processes alone (no data-parallel fit yet); the map is shared",
+                           int(self._accelerator.num_processes))  # fmt: skip
         torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         dev = self.device
