@@ -149,6 +149,12 @@ def test_a_built_wheel_carries_the_card_template_and_the_sample(tmp_path):
     env = dict(script_env(tmp_path), PYTHONPATH=str(site))
     res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert res.stdout.strip().endswith("OK"), res.stderr[-3000:]
+    # the accelerate script comes with the wheel: `accelerate launch -m uexamples.hub_scripts.protect`, and a command
+    script = subprocess.run([sys.executable, "-m", "uexamples.hub_scripts.protect", "--help"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    assert script.returncode == 0 and "--push-to-hub" in script.stdout, script.stderr[-3000:]
+    entry = (site / f"uexamples-{uexamples.__version__}.dist-info" / "entry_points.txt").read_text()
+    assert "uexamples-hub-protect = uexamples.hub_scripts.protect:main" in entry
 
 
 def test_card_wording_follows_the_measured_visibility():
