@@ -225,3 +225,31 @@ def test_protectors_pushed_to_the_hub_load_back_by_repo_id_in_a_fresh_process(tm
     card = local_hub.repos["models/tester/sem-protector"].files["README.md"].decode()
     assert "library_name: uexamples" in card and "SEM" in card and "Fitted on" in card and "40 rows" in card
     assert "key=...)" in local_hub.repos["models/tester/cuda-protector"].files["README.md"].decode()
+
+
+def test_publishing_from_python_gives_the_cli_card_and_a_cmyk_card_says_tiff(tmp_path, local_hub):
+    """ue.publish(dataset, repo, protector=, source=) with no summary.json: the same card body as the CLI's for
+    the same data, the preview uploaded, and CMYK images (stored as TIFF) named as such."""
+    env = hub_env(tmp_path, local_hub)
+    res = _python(f"""
+        import json, uexamples as ue
+        from uexamples.cards import render_card
+        from uexamples.cli import main
+        ds = ue.load_sample_dataset().select(range(24))
+        ds = ds.map(lambda r: {{"image": r["image"].convert("CMYK")}})
+        ds.save_to_disk("cmyk")
+        cuda = ue.CUDAProtect(key={KEY}, num_classes=10)
+        out = ds.map(cuda, batched=True)
+        print(ue.publish(out, "tester/cmyk-protected", protector=cuda, source=ds, dataset_name="cmyk"))
+        assert main(["protect", "--dataset", "cmyk", "--method", "cuda", "--num-classes", "10", "--output", "o", "--quiet"]) == 0
+        summary = json.load(open("o/summary.json"))
+        open("cli_card.md", "w").write(render_card(summary, "tester/cmyk-protected", "unknown"))
+    """, env, tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = local_hub.repos["tester/cmyk-protected"].files
+    assert "preview.png" in files and any(p.endswith(".parquet") for p in files)
+    pushed = files["README.md"].decode()
+    cli = (tmp_path / "cli_card.md").read_text()
+    assert pushed.split("\n---\n", 1)[1].strip() == cli.split("\n---\n", 1)[1].strip()  # the body, word for word
+    assert "(TIFF for CMYK)" in pushed and "uexamples:" in pushed
+    assert KEY not in pushed

@@ -18,6 +18,7 @@ from .core import (  # noqa: E402
 from . import logging  # noqa: E402  (uexamples.logging: the library's logger and verbosity, as in transformers)
 from .data import load_sample_dataset  # noqa: E402
 from .evaluation import EvaluationReport, RetrievalReport, evaluate, evaluate_retrieval  # noqa: E402
+from .hub import publish  # noqa: E402
 from .methods import CUDAProtect, EMProtect, MEMProtect, REMProtect, SALMProtect, SEMProtect, T2UEProtect, UCProtect, captions_from_labels  # noqa: E402
 
 
@@ -41,6 +42,7 @@ __all__ = [
     "evaluate_retrieval",
     "RetrievalReport",
     "protector",
+    "publish",
     "CUDAProtect",
     "UCProtect",
     "EMProtect",

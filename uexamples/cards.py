@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import datasets
+
 from . import __version__
 
 # uexamples/templates/dataset_card.md links to the repository's cards/dataset_card.md; wheels carry a copy
@@ -91,6 +93,51 @@ def card_metadata(summary: dict[str, Any], license: str, evaluated: bool = False
     return meta
 
 
+def stored_formats(protected: datasets.Dataset, image_column: str) -> list[str]:
+    """The file formats the protected images are stored in ("PNG", "TIFF": datasets stores CMYK as TIFF)."""
+    raw = protected.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    found = set()
+    for cell in raw[image_column]:
+        head = (cell or {}).get("bytes") or b""
+        found.add("TIFF" if head[:4] in (b"II*\x00", b"MM\x00*") else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else "other")
+    return sorted(found)
+
+
+def protection_summary(source: datasets.Dataset, protected: datasets.Dataset, protector: Any, dataset: str | None,
+                       split: str = "train", config: str | None = None, preview: str | Path | None = None,
+                       progress: bool = False, started: float | None = None, **timings: Any) -> dict[str, Any]:  # fmt: skip
+    """What a card is made from (the CLI's summary.json): method, config (no secret), rules, columns, the
+    quality measured on the stored pixels, the stored formats; draws the preview into ``preview`` when given.
+    ``started``: when the run began (``seconds`` then counts everything, quality and preview included)."""
+    import time
+
+    from .evaluation.metrics import dataset_quality
+    from .preview import save_preview
+
+    columns = protector.columns_for(source.features)
+    t0 = time.time()
+    quality = dataset_quality(source, protected, columns.image, progress=progress)
+    if preview is not None:
+        save_preview(source, protected, columns.image, preview)
+    timings["quality_seconds"] = round(time.time() - t0, 2)
+    if started is not None:
+        timings["seconds"] = round(time.time() - started, 2)
+    return {
+        "uexamples_version": __version__,
+        "method": protector.method,
+        "dataset": dataset or "uexamples embedded CIFAR-10 sample",
+        "split": split,
+        "images": len(source),
+        **timings,
+        "config": protector.public_config(),
+        "rules": protector.rules,
+        "columns": {"image": columns.image, "label": columns.label, "text": columns.text},
+        "source": {"dataset": dataset, "config": config, "split": split},
+        "formats": stored_formats(protected, columns.image),
+        **quality,
+    }
+
+
 def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_file: str = "preview.png",
                 evaluation: str | None = None) -> str:  # fmt: skip
     """The full README.md (YAML + body) of a published protected dataset."""
@@ -122,7 +169,7 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         ssim=f"{summary.get('mean_ssim', float('nan')):.4f}",
         preview_file=preview_file,
         repo_id=repo_id,
-        tiff=False,
+        tiff="TIFF" in (summary.get("formats") or []),
         evaluation=evaluation,
         bibtex=bibtex,
         method_notes=method_notes(method, cfg),

@@ -26,9 +26,8 @@ from .core.columns import ColumnError
 from .core.images import ImageDecodeError
 from .core.options import cli_fields, field_help, field_type, number, secret_fields
 from .core.registry import get_method, list_methods
-from .evaluation.metrics import dataset_quality
 from .outputs import OutputError, OutputLock, check_output, move_into_place, partial_dir
-from .preview import save_preview
+from .cards import protection_summary
 
 
 
@@ -150,31 +149,14 @@ def write_output(out_dir: Path, args: argparse.Namespace, source: datasets.Datas
     the summary's ``seconds`` then counts everything, the quality metrics and the preview included.
     Returns the summary.
     """
-    columns = protector.columns_for(source.features)
     tmp = partial_dir(out_dir)
     tmp.mkdir(parents=True)
     try:
         protected.save_to_disk(str(tmp / "dataset"))
         protector.save_pretrained(tmp / "protector")
-        t0 = time.time()
-        quality = dataset_quality(source, protected, columns.image, progress=not getattr(args, "quiet", False))
-        save_preview(source, protected, columns.image, tmp / "preview.png")
-        timings["quality_seconds"] = round(time.time() - t0, 2)
-        if started is not None:
-            timings["seconds"] = round(time.time() - started, 2)
-        summary = {
-            "uexamples_version": __version__,
-            "method": protector.method,
-            "dataset": args.dataset or "uexamples embedded CIFAR-10 sample",
-            "split": args.split,
-            "images": len(source),
-            **timings,
-            "config": protector.public_config(),
-            "rules": protector.rules,
-            "columns": {"image": columns.image, "label": columns.label, "text": columns.text},
-            "source": {"dataset": args.dataset, "config": args.config, "split": args.split},
-            **quality,
-        }
+        summary = protection_summary(source, protected, protector, args.dataset, args.split, args.config,
+                                     preview=tmp / "preview.png", progress=not getattr(args, "quiet", False),
+                                     started=started, **timings)  # fmt: skip
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         move_into_place(tmp, out_dir, overwrite=bool(getattr(args, "overwrite", False)))
     except BaseException:

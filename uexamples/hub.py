@@ -44,44 +44,83 @@ def _explain(exc: BaseException, repo_id: str, out_dir: Path | None) -> PublishE
     return PublishError(f"{why}.{keep}")
 
 
-def publish(out_dir: str | Path, repo_id: str, private: bool = False, evaluation: str | Path | None = None,
-            token: str | None = None) -> str:  # fmt: skip
-    """Push ``out_dir/dataset`` to the dataset repo ``repo_id``, then its card and preview; returns the repo URL."""
+def publish(protected: Any, repo_id: str, private: bool = False, evaluation: Any = None, token: str | None = None, *,
+            protector: Any = None, source: Any = None, split: str = "train", dataset_name: str | None = None) -> str:  # fmt: skip
+    """Push a protected split to the dataset repo ``repo_id`` with its card and preview; returns the repo URL.
+
+    ``protected``: the folder of a ``uexamples protect`` output (its ``summary.json`` makes the card), or a
+    ``datasets.Dataset`` protected in Python; then pass the fitted ``protector`` and the clean ``source``
+    split it protected (the card's quality numbers and preview are measured from them), the ``split`` name
+    and ``dataset_name`` (the source's Hub id, for the card). ``evaluation``: an ``evaluate`` report or
+    its output folder, put into the card.
+
+    >>> import uexamples as ue                                            # doctest: +SKIP
+    >>> ds = ue.load_sample_dataset(); sem = ue.SEMProtect(seed=0).fit(ds)   # doctest: +SKIP
+    >>> ue.publish(ds.map(sem, batched=True), "me/cifar-protected", protector=sem, source=ds)   # doctest: +SKIP
+    """
     import datasets
+    import tempfile
+
+    if isinstance(protected, (str, Path)):
+        out_dir = Path(protected)
+        summary_path = out_dir / "summary.json"
+        if not summary_path.is_file():
+            raise PublishError(f"{out_dir} is not a finished uexamples output (no summary.json)")
+        summary = json.loads(summary_path.read_text())
+        ds = datasets.load_from_disk(str(out_dir / "dataset"))
+        return _push(ds, summary, repo_id, out_dir / "preview.png", evaluation, private, token, out_dir)
+    if not isinstance(protected, datasets.Dataset):
+        raise TypeError(f"publish takes a protected datasets.Dataset or an output folder, got {type(protected).__name__}")
+    if protector is None or source is None:
+        raise TypeError("publish(dataset, ...) needs protector= (the fitted protector) and source= (the clean split it "
+                        "protected): the card is made from them")  # fmt: skip
+    if len(source) != len(protected):
+        raise ValueError(f"source has {len(source)} rows and the protected split {len(protected)}: pass the split it protected")
+    from .cards import protection_summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = protection_summary(source, protected, protector, dataset_name, split, preview=Path(tmp) / "preview.png")
+        return _push(protected, summary, repo_id, Path(tmp) / "preview.png", evaluation, private, token, None)
+
+
+def _evaluation_files(evaluation: Any, tmp: Path) -> tuple[str | None, Path | None]:
+    """(table markdown, curves picture) of an evaluation: a report object or its output folder."""
+    if evaluation is None:
+        return None, None
+    if not isinstance(evaluation, (str, Path)):  # an EvaluationReport / RetrievalReport
+        evaluation = evaluation.save(tmp / "evaluation")
+    table_path = Path(evaluation) / "table.md"
+    if not table_path.is_file():
+        raise PublishError(f"{evaluation} holds no table.md: pass the output folder of `uexamples evaluate`")
+    curves = Path(evaluation) / "curves.png"
+    return table_path.read_text().strip(), curves if curves.is_file() else None
+
+
+def _push(ds: Any, summary: dict, repo_id: str, preview: Path, evaluation: Any, private: bool, token: str | None,
+          out_dir: Path | None) -> str:  # fmt: skip
+    import tempfile
+
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
 
-    out_dir = Path(out_dir)
-    summary_path = out_dir / "summary.json"
-    if not summary_path.is_file():
-        raise PublishError(f"{out_dir} is not a finished uexamples output (no summary.json)")
-    summary = json.loads(summary_path.read_text())
     split = summary.get("split") or "train"
-    table = None
-    if evaluation is not None:
-        table_path = Path(evaluation) / "table.md"
-        if not table_path.is_file():
-            raise PublishError(f"{evaluation} holds no table.md: pass the output folder of `uexamples evaluate`")
-        table = table_path.read_text().strip()
-    ds = datasets.load_from_disk(str(out_dir / "dataset"))
     api = HfApi(token=token)
-    try:
-        ds.push_to_hub(repo_id, split=split, private=private, token=token)
-        pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
-        card = DatasetCard(render_card(summary, repo_id, source_license((summary.get("source") or {}).get("dataset")),
-                                       evaluation=table))  # fmt: skip
-        for key in ("dataset_info", "configs"):
-            value = pushed.data.to_dict().get(key)
-            if value is not None:
-                card.data[key] = value
-        ops = [
-            CommitOperationAdd("README.md", str(card).encode()),
-            CommitOperationAdd("preview.png", str(out_dir / "preview.png")),
-        ]
-        if evaluation is not None and (Path(evaluation) / "curves.png").is_file():
-            ops.append(CommitOperationAdd("evaluation.png", str(Path(evaluation) / "curves.png")))
-        api.create_commit(repo_id, ops, repo_type="dataset", commit_message="uexamples: dataset card and preview")
-    except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:  # HfHubHTTPError is an OSError; LFS failures a RuntimeError
-        raise _explain(exc, repo_id, out_dir) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        table, curves = _evaluation_files(evaluation, Path(tmp))
+        try:
+            ds.push_to_hub(repo_id, split=split, private=private, token=token)
+            pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+            card = DatasetCard(render_card(summary, repo_id, source_license((summary.get("source") or {}).get("dataset")),
+                                           evaluation=table))  # fmt: skip
+            for key in ("dataset_info", "configs"):
+                value = pushed.data.to_dict().get(key)
+                if value is not None:
+                    card.data[key] = value
+            ops = [CommitOperationAdd("README.md", str(card).encode()), CommitOperationAdd("preview.png", str(preview))]
+            if curves is not None:
+                ops.append(CommitOperationAdd("evaluation.png", str(curves)))
+            api.create_commit(repo_id, ops, repo_type="dataset", commit_message="uexamples: dataset card and preview")
+        except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:  # HfHubHTTPError is an OSError; LFS failures a RuntimeError
+            raise _explain(exc, repo_id, out_dir) from None
     return f"{api.endpoint}/datasets/{repo_id}"
 
 
