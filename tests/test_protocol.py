@@ -345,3 +345,25 @@ def test_a_dataset_dict_fits_on_train_and_protects_the_named_splits(small_ds):
         cuda.apply(dd, splits=["validation"])
     with pytest.raises(TypeError, match="without a 'train' split"):
         cuda.fit(datasets.DatasetDict({"test": dd["test"]}))
+
+
+def test_a_stream_is_protected_with_its_features_and_fitted_on_a_seeded_sample():
+    """IterableDataset: apply keeps the Image feature (datasets' own map loses it) and gives the same pixels as
+    the in-memory map; fit takes a bounded, seeded sample of the stream and says so."""
+    ds = ue.load_sample_dataset().select(range(48))
+    key = 70412938475123
+    cuda = ue.CUDAProtect(key=key, num_classes=10)
+    streamed = cuda.apply(ds.to_iterable_dataset(num_shards=2), batch_size=16)
+    assert streamed.features == ds.features
+    rows = list(streamed)
+    expected = ds.map(cuda, batched=True)
+    assert all((np.asarray(r["image"]) == np.asarray(e)).all() for r, e in zip(rows, expected["image"]))
+    assert [r["label"] for r in rows] == ds["label"]
+    sem = ue.SEMProtect(seed=3, surrogate="tinycnn", train_steps=2, train_batch_size=16, final_noise_steps=1)
+    sem.fit(ds.to_iterable_dataset(), progress=False, stream_sample=32)
+    assert sem.fitted_on["rows"] == 32 and sem.fitted_on["sampled_from_stream"]
+    again = ue.SEMProtect(seed=3, surrogate="tinycnn", train_steps=2, train_batch_size=16, final_noise_steps=1)
+    again.fit(ds.to_iterable_dataset(), progress=False, stream_sample=32)
+    assert sem.fingerprint == again.fingerprint  # the same seed, the same sample, the same fit
+    with pytest.raises(ValueError, match="stream_sample"):
+        sem.fit(ds.to_iterable_dataset(), progress=False, stream_sample=0)

@@ -181,8 +181,12 @@ class Protector:
         accelerator: Any = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 100,
+        stream_sample: int = 10_000,
     ) -> "Protector":
         """Fit the protector on ``dataset`` (a ``datasets.Dataset``) and return ``self``.
+
+        A streamed ``IterableDataset`` (``load_dataset(..., streaming=True)``) is fitted on a bounded, seeded
+        sample of ``stream_sample`` rows (:meth:`stream_sample`; its size is logged and kept in ``fitted_on``).
 
         ``accelerator``: an ``accelerate.Accelerator``; with several processes, surrogate-based
         methods fit data-parallel (every process must call ``fit`` with the same dataset).
@@ -196,6 +200,11 @@ class Protector:
                                 "to fit on, e.g. ds['validation']")  # fmt: skip
             logger.info("fitting on the 'train' split of the DatasetDict (%d rows)", len(dataset["train"]))
             dataset = dataset["train"]
+        if isinstance(dataset, datasets.IterableDatasetDict):
+            dataset = dataset["train"] if "train" in dataset else dataset
+        sampled = isinstance(dataset, datasets.IterableDataset)
+        if sampled:
+            dataset = self.stream_sample(dataset, stream_sample)
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(f"fit expects a datasets.Dataset, got {type(dataset).__name__} (pick a split: ds['train'])")
         if len(dataset) == 0:
@@ -214,6 +223,8 @@ class Protector:
         self.fitted = True
         self.fitted_on = {"dataset": dataset.info.dataset_name or None, "rows": len(dataset),
                           "fingerprint": getattr(dataset, "_fingerprint", None)}  # fmt: skip
+        if sampled:
+            self.fitted_on["sampled_from_stream"] = True
         stats = getattr(self, "fit_stats", None) or {}
         done = f"; {stats['steps']} steps" if stats.get("steps") is not None else ""
         if stats.get("train_accuracy") is not None:
@@ -222,6 +233,16 @@ class Protector:
         logger.info("%s fitted on %d images in %.1f s%s%s", self.method.upper(), len(dataset), time.time() - started,
                     done, rules)  # fmt: skip
         return self
+
+    def stream_sample(self, stream: datasets.IterableDataset, rows: int = 10_000, buffer: int = 10_000) -> datasets.Dataset:
+        """The first ``rows`` rows of ``stream`` after a shuffle buffer of ``buffer`` rows seeded by the config's
+        seed, in memory: what a fit on a stream sees (the same seed, the same sample)."""
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+            raise ValueError(f"stream_sample must be a positive number of rows, got {rows!r}")
+        sample = stream.shuffle(seed=int(self.config.seed) % 2**32, buffer_size=buffer).take(rows)
+        ds = datasets.Dataset.from_list(list(sample), features=stream.features)  # in memory: no cache to go stale
+        logger.info("fitting on a sample of %d rows of the stream (shuffle buffer %d, seed %d)", len(ds), buffer, self.config.seed)
+        return ds
 
     def _fit_num_classes(self, dataset: datasets.Dataset, columns: Columns) -> int:
         """The number of classes, after checking every label (integers, >= 0, below a ClassLabel's count)."""
@@ -314,6 +335,15 @@ class Protector:
         published test split is as exposed as the training split). Fit on the training split first:
         ``protector.fit(dd)`` does that.
         """
+        if isinstance(dataset, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+            # datasets cannot know what a map function returns on a stream: give it the features, or the
+            # Image feature is lost (the rows come back as bare PIL images with features None)
+            if isinstance(dataset, datasets.IterableDatasetDict):
+                names = list(dataset) if splits is None else list(splits)
+                return datasets.IterableDatasetDict({s: self.apply(dataset[s], **map_kwargs) for s in names})
+            self.columns_for(dataset.features)  # column errors now, not at the first row read
+            map_kwargs.setdefault("batch_size", 64)
+            return dataset.map(self, batched=True, features=dataset.features, **map_kwargs)
         if isinstance(dataset, datasets.DatasetDict):
             names = list(dataset) if splits is None else list(splits)
             missing = [s for s in names if s not in dataset]
