@@ -150,10 +150,14 @@ class MEMProtect(MinMinProtector):
         return with_triggers(ids, triggers.to(ids.device), int(tok.eos_token_id), int(tok.pad_token_id or 0))
 
     def _trigger_vocabulary(self) -> torch.Tensor:
-        """Token ids a trigger may use: every word of the surrogate's vocabulary but the special tokens."""
+        """Token ids a trigger may use: every word of the surrogate's vocabulary but the special tokens
+        (built once per loaded surrogate: HotFlip asks for it at every fit step)."""
         tok = self._runtime["surrogate"].tokenizer
-        special = set(tok.all_special_ids)
-        return torch.tensor([i for i in range(len(tok)) if i not in special])
+        cached = self._runtime.get("trigger_vocabulary")
+        if cached is None or cached[0] is not tok:
+            special = set(tok.all_special_ids)
+            cached = self._runtime["trigger_vocabulary"] = (tok, torch.tensor([i for i in range(len(tok)) if i not in special]))
+        return cached[1]
 
     def _triggers_of(self, batch: ProtectBatch) -> torch.Tensor:
         """Each image's trigger: the one fitted for it (found by its per-sample key), else a seeded draw."""
