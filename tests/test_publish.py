@@ -253,3 +253,31 @@ def test_publishing_from_python_gives_the_cli_card_and_a_cmyk_card_says_tiff(tmp
     assert pushed.split("\n---\n", 1)[1].strip() == cli.split("\n---\n", 1)[1].strip()  # the body, word for word
     assert "(TIFF for CMYK)" in pushed and "uexamples:" in pushed
     assert KEY not in pushed
+
+
+def test_several_splits_are_protected_together_and_published_in_one_repository(tmp_path, local_hub):
+    """`uexamples protect --splits train,test`: fit on train, both splits protected into one DatasetDict with one
+    summary and one card; publishing puts both splits in one repository, and they reload bit-exact."""
+    env = hub_env(tmp_path, local_hub)
+    res = _python(f"""
+        import json, numpy as np, datasets, uexamples as ue
+        from uexamples.cli import main
+        from uexamples.hub import publish
+        assert main(["protect", "--method", "cuda", "--num-classes", "10", "--splits", "train,test", "--output", "o",
+                     "--quiet"]) == 0
+        out = datasets.load_from_disk("o/dataset")
+        assert set(out) == {{"train", "test"}}, out
+        summary = json.load(open("o/summary.json"))
+        assert summary["splits"] == {{"train": 500, "test": len(ue.load_sample_dataset("test"))}} and summary["split"] == "train"
+        publish("o", "tester/two-splits")
+        back = datasets.load_dataset("tester/two-splits")
+        for s in ("train", "test"):
+            assert np.array_equal(np.stack([np.asarray(i) for i in back[s]["image"]]),
+                                  np.stack([np.asarray(i) for i in out[s]["image"]]))
+        assert main(["evaluate", "--protected", "o", "--epochs", "1", "--output", "ev", "--quiet"]) == 0
+    """, env, tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = local_hub.repos["tester/two-splits"].files
+    assert any(p.startswith("data/train-") for p in files) and any(p.startswith("data/test-") for p in files)
+    card = files["README.md"].decode()
+    assert "splits `train` (500 images), `test`" in card and "fitted on `train`" in card

@@ -114,6 +114,11 @@ def protection_summary(source: datasets.Dataset, protected: datasets.Dataset, pr
     from .evaluation.metrics import dataset_quality
     from .preview import save_preview
 
+    splits = None
+    if isinstance(source, datasets.DatasetDict):  # several splits: measured together, counted apart
+        splits = {s: len(source[s]) for s in source}
+        source = datasets.concatenate_datasets([source[s] for s in splits])
+        protected = datasets.concatenate_datasets([protected[s] for s in splits])
     columns = protector.columns_for(source.features)
     t0 = time.time()
     quality = dataset_quality(source, protected, columns.image, progress=progress)
@@ -134,6 +139,7 @@ def protection_summary(source: datasets.Dataset, protected: datasets.Dataset, pr
         "columns": {"image": columns.image, "label": columns.label, "text": columns.text},
         "source": {"dataset": dataset, "config": config, "split": split},
         "formats": stored_formats(protected, columns.image),
+        "splits": splits,
         **quality,
     }
 
@@ -152,7 +158,15 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
     source = (Path(src).name if Path(src).exists() else src) if src else "the uexamples embedded CIFAR-10 sample"
     cfg = summary.get("config", {})
     eps = cfg.get("epsilon")
+    splits = summary.get("splits") or {}
+    if len(splits) > 1:
+        fitted = (summary.get("source") or {}).get("split", "train")
+        split_text = ("splits " + ", ".join(f"`{s}` ({n} images)" for s, n in splits.items())
+                      + f"; the method was fitted on `{fitted}`")  # fmt: skip
+    else:
+        split_text = f"split `{(summary.get('source') or {}).get('split', 'train')}`, {summary.get('images')} images"
     body = jinja2.Template(TEMPLATE.read_text(), undefined=jinja2.StrictUndefined).render(
+        split_text=split_text,
         pretty_name=f"{Path(source).name} ({title.split(' ')[0]}-protected)",
         source_name=source,
         split=(summary.get("source") or {}).get("split", "train"),

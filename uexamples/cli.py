@@ -172,18 +172,30 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def _protect(args: argparse.Namespace, out_dir: Path) -> int:
-    ds = load_any_dataset(args.dataset, args.config, args.split)
-    if len(ds) == 0:
-        raise CLIError("the dataset is empty (0 rows): nothing to protect")
+    names = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else [args.split]
+    if len(set(names)) != len(names):
+        raise CLIError(f"--splits names a split twice: {args.splits}")
+    fit_split = "train" if "train" in names else names[0]  # fit on the training split, as trainers do
+    parts = {s: load_any_dataset(args.dataset, args.config, s) for s in names}
+    empty = [s for s, d in parts.items() if len(d) == 0]
+    if empty:
+        raise CLIError(f"split {empty[0]!r} is empty (0 rows): nothing to protect")
+    ds = parts[fit_split]
+    args.split = fit_split
     protector = load_protector(args) if args.protector else build_protector(args)
-    protector.columns_for(ds.features)  # column errors before the long fit
+    for d in parts.values():
+        protector.columns_for(d.features)  # column errors before the long fit
     started = time.time()
     if not args.protector:
         protector.fit(ds, progress=not args.quiet)
     fit_s = time.time() - started
     t0 = time.time()
-    protected = protector.apply(ds, batch_size=args.map_batch_size, load_from_cache_file=False)
+    done = {s: protector.apply(d, batch_size=args.map_batch_size, load_from_cache_file=False) for s, d in parts.items()}
     map_s = time.time() - t0
+    if args.splits:  # several splits: one DatasetDict, one summary, one card
+        ds, protected = datasets.DatasetDict(parts), datasets.DatasetDict(done)
+    else:
+        protected = done[fit_split]
     summary = write_output(out_dir, args, ds, protected, protector, started=started, fit_seconds=round(fit_s, 2),
                            map_seconds=round(map_s, 2))  # fmt: skip
     stats = summary
@@ -203,7 +215,12 @@ def _load_protected(path: str, split: str) -> tuple[datasets.Dataset, dict | Non
     """A ``uexamples protect`` output folder (dataset/ + summary.json) or any dataset; also its summary."""
     folder = Path(path)
     if (folder / "summary.json").is_file() and (folder / "dataset").is_dir():
-        return datasets.load_from_disk(str(folder / "dataset")), json.loads((folder / "summary.json").read_text())
+        ds = datasets.load_from_disk(str(folder / "dataset"))
+        summary = json.loads((folder / "summary.json").read_text())
+        if isinstance(ds, datasets.DatasetDict):  # a --splits output: the split asked for (default: the fitted one)
+            split = split if split in ds else summary.get("split", "train")
+            ds = ds[split]
+        return ds, summary
     return load_any_dataset(path, None, split), None
 
 
@@ -312,7 +329,10 @@ def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAU
     options of ``method`` (read from its config fields)."""
     p.add_argument("--dataset", help="Hub id, local dataset folder or save_to_disk folder (default: embedded sample)")
     p.add_argument("--config", help="dataset configuration name")
-    p.add_argument("--split", default="train")
+    p.add_argument("--split", default="train", help="the split to protect (default: train)")
+    p.add_argument("--splits", help="several splits to protect into one dataset, comma-separated (e.g. train,test); the "
+                   "fit uses train (or the first named). Default: only --split, since many users keep a clean test "
+                   "split for their own evaluation; name the test split too when it will be published")  # fmt: skip
     p.add_argument("--method", default=DEFAULT_METHOD,
                    help=f"one of {', '.join(list_methods())} (default: {DEFAULT_METHOD}); the options below are "
                         "those of this method: `--method NAME --help` lists another's")  # fmt: skip

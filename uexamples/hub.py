@@ -100,6 +100,7 @@ def _push(ds: Any, summary: dict, repo_id: str, preview: Path, evaluation: Any, 
           out_dir: Path | None) -> str:  # fmt: skip
     import tempfile
 
+    import datasets
     from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi
 
     split = summary.get("split") or "train"
@@ -107,7 +108,10 @@ def _push(ds: Any, summary: dict, repo_id: str, preview: Path, evaluation: Any, 
     with tempfile.TemporaryDirectory() as tmp:
         table, curves = _evaluation_files(evaluation, Path(tmp))
         try:
-            ds.push_to_hub(repo_id, split=split, private=private, token=token)
+            if isinstance(ds, datasets.DatasetDict):  # a --splits output: every split in the one repository
+                ds.push_to_hub(repo_id, private=private, token=token)
+            else:
+                ds.push_to_hub(repo_id, split=split, private=private, token=token)
             pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
             card = DatasetCard(render_card(summary, repo_id, source_license((summary.get("source") or {}).get("dataset")),
                                            evaluation=table))  # fmt: skip

@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="save the unfinished fit every N steps, so that a killed fit goes on from there (default 100)")  # fmt: skip
     p.add_argument("--evaluation", help="a `uexamples evaluate` output folder whose table goes into the card")
     args = p.parse_args(argv)
+    if args.splits:
+        p.error("this script protects one split per run (--split; its chunks and resuming are per split): run it once per "
+                "split, or use `uexamples protect --splits` for several splits in one dataset")  # fmt: skip
     if args.protector:
         args.method = method_from_argv(argv)  # the saved protector's
     if args.chunk_size < 1:
