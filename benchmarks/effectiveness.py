@@ -54,7 +54,7 @@ def run(args) -> dict:
         "clean": clean.to_dict(),
         "methods": {},
     }
-    out = RESULTS / f"effectiveness_{name}.json"
+    out = RESULTS / f"effectiveness_{name}{args.suffix}.json"
     if args.keep_others and out.exists():  # re-measure some methods; the clean curve must come out identical
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
             r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
@@ -130,6 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--class-captions", choices=["class-wise", "sample-wise"], default="class-wise",
                    help="captions a caption-driven method (T2UE) gets on a labelled set without captions")  # fmt: skip
     p.add_argument("--protector", help="map with this fitted protector (no fit) instead of fitting one")
+    p.add_argument("--suffix", default="", help="results file effectiveness_<dataset><suffix>.json (runs side by side)")
     p.add_argument("--keep-others", action="store_true",
                    help="keep the other methods' rows of the results file (its clean baseline must come out identical)")  # fmt: skip
     dispatch(p, run, table, argv)
