@@ -105,20 +105,14 @@ def build_protector(args: argparse.Namespace):
 
 def saved_method(path: str) -> str:
     """The method of a protector saved with ``save_pretrained`` (read before the parser is built)."""
-    from .core.protector import CONFIG_NAME, HUB_ID
+    from .core.protector import CONFIG_NAME, protector_folder
 
-    config = Path(path) / CONFIG_NAME
-    if not Path(path).exists() and HUB_ID.fullmatch(path):  # a protector pushed to the Hub
-        from .hub import download_protector
-
-        try:
-            config = download_protector(path) / CONFIG_NAME
-        except FileNotFoundError as exc:
-            raise CLIError(f"--protector {path}: {exc}") from None
-    if not config.is_file():
-        raise CLIError(f"--protector {path}: no {CONFIG_NAME} there (a folder written by save_pretrained, or the "
-                       "protector/ folder of a `uexamples protect` output)")  # fmt: skip
-    return str(json.loads(config.read_text())["method"])
+    try:
+        folder = protector_folder(path)  # a folder, or a protector pushed to the Hub
+    except FileNotFoundError as exc:
+        raise CLIError(f"--protector {path}: {exc} (a folder written by save_pretrained, the protector/ folder of a "
+                       "`uexamples protect` output, or a Hub repo id)") from None  # fmt: skip
+    return str(json.loads((folder / CONFIG_NAME).read_text())["method"])
 
 
 def load_protector(args: argparse.Namespace):

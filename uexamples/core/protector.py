@@ -266,13 +266,15 @@ class Protector:
             need_label=self.needs_labels, need_text=self.needs_texts, method=self.method.upper(),
         )  # fmt: skip
 
+    def require_fitted(self, before: str) -> None:
+        """A ``NotFittedError`` when this method needs a fit that has not happened (``before``: what needs it)."""
+        if self.needs_fit and not self.fitted:
+            raise NotFittedError(f"{type(self).__name__} must be fitted before {before}: call protector.fit(train_dataset) "
+                                 "first (or load a fitted one with from_pretrained)")  # fmt: skip
+
     def __call__(self, batch: dict[str, list], indices: Sequence[int] | None = None) -> dict[str, list]:
         """Protect one batch from ``datasets.map(..., batched=True)`` (``with_indices=True`` names rows in errors)."""
-        if self.needs_fit and not self.fitted:
-            raise NotFittedError(
-                f"{type(self).__name__} must be fitted before it protects images: "
-                f"call protector.fit(train_dataset) first (or load a fitted one with from_pretrained)"
-            )
+        self.require_fitted("it protects images")
         image_col, label_col, text_col = self._batch_columns(batch)
         cells = batch[image_col]
         if not isinstance(cells, (list, tuple)):  # one row: ds.map(protector) without batched=True
@@ -614,8 +616,7 @@ class Protector:
         """Upload this fitted protector (config, weights, a model card) to the Hub model repo ``repo_id``, as
         transformers models are pushed; load it anywhere with ``Protector.from_pretrained(repo_id)``.
         Secrets (the CUDA key) are never uploaded: the loader passes them again. Returns the commit URL."""
-        if self.needs_fit and not self.fitted:
-            raise NotFittedError("fit the protector before pushing it: an unfitted one protects nothing")
+        self.require_fitted("it is pushed (an unfitted one protects nothing)")
         from ..hub import push_protector
 
         return push_protector(self, repo_id, private=private, token=token, commit_message=commit_message, revision=revision)
@@ -632,18 +633,9 @@ class Protector:
         run-time options (``device``, ``batch_size``). ``Protector.from_pretrained`` picks the saved
         method's class.
         """
-        directory = Path(name_or_path)
-        if not directory.is_dir():
-            if directory.exists() or not HUB_ID.fullmatch(str(name_or_path)):
-                raise FileNotFoundError(f"no {CONFIG_NAME} in {name_or_path}: not a saved uexamples protector")
-            from ..hub import download_protector  # a Hub model repo id ("user/name")
-
-            directory = download_protector(str(name_or_path), revision, token, cache_dir, local_files_only)
         from safetensors.numpy import load_file
 
-        path = directory
-        if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {path}: not a saved uexamples protector")
+        path = protector_folder(name_or_path, revision, token, cache_dir, local_files_only)
         state = json.loads((path / CONFIG_NAME).read_text())
         klass = get_method(state["method"])
         if cls is not Protector and not issubclass(klass, cls):
@@ -661,6 +653,20 @@ class Protector:
         obj = klass.__new__(klass)
         obj._restore(state, arrays, runtime_kwargs, secrets_required=True)
         return obj
+
+
+def protector_folder(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
+                     cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:  # fmt: skip
+    """The local folder holding a saved protector's config: ``name_or_path`` itself, or, for a Hub model repo
+    id ("user/name") that is not a folder here, its copy in huggingface_hub's cache (downloaded if needed)."""
+    path = Path(name_or_path)
+    if not path.exists() and HUB_ID.fullmatch(str(name_or_path)):
+        from ..hub import download_protector
+
+        path = download_protector(str(name_or_path), revision, token, cache_dir, local_files_only)
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {name_or_path}: not a saved uexamples protector")
+    return path
 
 
 def _digest(state: dict[str, Any], weights: bytes) -> str:

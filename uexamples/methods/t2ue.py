@@ -473,19 +473,13 @@ class T2UEProtect(AdditiveProtector):
             self._noise_cache.popitem(last=False)
         return noise
 
-    def _check_fitted(self) -> None:
-        if not self.fitted:
-            from ..core.protector import NotFittedError
-
-            raise NotFittedError("fit the protector first (or load a fitted one with from_pretrained)")
-
     def noise_for_texts(self, captions: Sequence[Any], size: int | tuple[int, int], channels: int = 3) -> np.ndarray:
         """The noise ``map`` adds to an image of ``size`` (pixels a side, or (width, height) as PIL says) with
         each of ``captions`` (a string or a list of strings per row), as float32 (N, channels, H, W) in
         pixel-range fractions: protected = image / 255 + noise, rounded. No image is needed; ``channels=1``
         for grey images.
         """
-        self._check_fitted()
+        self.require_fitted("it makes noise")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey images) or 3, got {channels}")
         w, h = (size, size) if isinstance(size, (int, np.integer)) else size

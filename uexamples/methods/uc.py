@@ -395,10 +395,7 @@ class UCProtect(AdditiveProtector):
 
     def clusters_of(self, dataset: datasets.Dataset, image_column: str | None = None, progress: bool = False) -> np.ndarray:
         """The cluster each image of ``dataset`` falls in (what :meth:`__call__` uses to pick its perturbation)."""
-        if not self.fitted:
-            from ..core.protector import NotFittedError
-
-            raise NotFittedError("fit the protector first (or load a fitted one)")
+        self.require_fitted("it assigns clusters")
         from ..core.columns import detect_columns
 
         col = detect_columns(dataset.features, image_column, None, need_label=False, method="UC").image
