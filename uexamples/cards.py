@@ -97,9 +97,10 @@ def stored_formats(protected: datasets.Dataset, image_column: str) -> list[str]:
     """The file formats the protected images are stored in ("PNG", "TIFF": datasets stores CMYK as TIFF)."""
     raw = protected.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     found = set()
-    for cell in raw[image_column]:
-        head = (cell or {}).get("bytes") or b""
-        found.add("TIFF" if head[:4] in (b"II*\x00", b"MM\x00*") else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else "other")
+    for batch in raw.iter(batch_size=256):  # a batch of encoded images in memory at a time, not the whole split
+        for cell in batch[image_column]:
+            head = (cell or {}).get("bytes") or b""
+            found.add("TIFF" if head[:4] in (b"II*\x00", b"MM\x00*") else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else "other")
     return sorted(found)
 
 
@@ -169,8 +170,6 @@ def render_card(summary: dict[str, Any], repo_id: str, license: str, preview_fil
         split_text=split_text,
         pretty_name=f"{Path(source).name} ({title.split(' ')[0]}-protected)",
         source_name=source,
-        split=(summary.get("source") or {}).get("split", "train"),
-        images=summary.get("images"),
         method=method,
         method_title=title,
         method_summary=what,

@@ -175,7 +175,7 @@ def protector_card(protector: Any, repo_id: str) -> str:
         "images so that models trained on them learn a shortcut instead of the content.",
         "",
         f"- Method: {protector.title or protector.method}. {protector.summary}",
-        f"- Paper: {protector.paper}" if protector.paper else "",
+        *([f"- Paper: {protector.paper}"] if protector.paper else []),
         f"- Fitted on: {fitted.get('dataset') or 'a dataset not named by its owner'}"
         + (f" ({fitted['rows']} rows)" if fitted.get("rows") else ""),
         *(f"- {name}: {decision}" for name, decision in protector.rules.items()),
@@ -199,7 +199,7 @@ def protector_card(protector: Any, repo_id: str) -> str:
     ]
     if protector.citation:
         lines += ["", "## Citation", "", "```bibtex", protector.citation, "```"]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(line for line in lines if line is not None) + "\n"))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
 def push_protector(protector: Any, repo_id: str, private: bool = False, token: str | None = None,

@@ -503,12 +503,17 @@ class T2UEProtect(AdditiveProtector):
         return {"surrogate": self._surrogate().desc, "resolution": int(self._runtime["resolution"]),
                 "generator": self._runtime["generator"].hparams, "rules": self.rules}  # fmt: skip
 
+    @staticmethod
+    def _saved_surrogate_key(desc: dict[str, Any], name: str) -> bool:
+        """Whether a surrogate weight is saved: its text side (a custom CLIP module: all of it, since its parts
+        have no names we know)."""
+        return desc.get("kind") == "module" or not any(p in name for p in IMAGE_PARTS)
+
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         cached = self._runtime.get("arrays_cache")
         if cached is None:
             surrogate = self._surrogate()
-            keep_all = surrogate.desc.get("kind") == "module"  # a custom CLIP: its parts have no names we know
-            text = {k: v for k, v in surrogate.state_arrays().items() if keep_all or not any(p in k for p in IMAGE_PARTS)}
+            text = {k: v for k, v in surrogate.state_arrays().items() if self._saved_surrogate_key(surrogate.desc, k)}
             cached = {**text, **state_arrays(self._runtime["generator"], GENERATOR_PREFIX)}
             self._runtime["arrays_cache"] = cached
         return cached
@@ -517,9 +522,10 @@ class T2UEProtect(AdditiveProtector):
         dev = self.device
         surrogate = ContrastiveSurrogate.rebuild(meta["surrogate"], None, self._module)
         mine = {k[len("surrogate.") :]: torch.from_numpy(np.array(v)) for k, v in arrays.items() if k.startswith("surrogate.")}
-        missing = [k for k in mine if k not in surrogate.model.state_dict()]
-        if missing or not mine:
-            raise ValueError(f"saved T2UE text encoder does not fit its description ({missing[:3]}): the protector is damaged")
+        wanted = {k for k in surrogate.model.state_dict() if self._saved_surrogate_key(meta["surrogate"], k)}
+        wrong = sorted(set(mine) ^ wanted)  # weights it should not have, or text weights it lacks
+        if wrong:
+            raise ValueError(f"saved T2UE text encoder does not fit its description ({wrong[:3]}): the protector is damaged")
         surrogate.model.load_state_dict(mine, strict=False)  # the text tower; the image tower is not needed to map
         surrogate.to(dev).model.eval().requires_grad_(False)
         hp = dict(meta["generator"])
