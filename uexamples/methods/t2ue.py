@@ -73,6 +73,7 @@ from ..core.columns import Columns
 from ..core.loading import image_sizes, load_split
 from ..core.options import check_int, option
 from ..core.progress import progress_bar
+from ..core.schedules import shuffled_epochs, step_plan
 from ..core.registry import register_method
 from ..logging import get_logger
 from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, train_clip
@@ -377,12 +378,11 @@ class T2UEProtect(AdditiveProtector):
         caption_ids = torch.from_numpy(caption_ids.reshape(-1))
         g = TextNoiseGenerator(text.shape[1], generator_size(cfg.noise_grid or res), float(cfg.epsilon), int(cfg.noise_dim),
                                int(cfg.generator_width)).to(dev)  # fmt: skip
-        n, bs = len(x), min(int(cfg.train_batch_size), len(x))
-        steps_per_epoch = max(1, n // bs)
-        total = int(cfg.epochs) * steps_per_epoch
-        if cfg.max_steps is not None and total > int(cfg.max_steps):
-            self._set_rule("steps", f"{cfg.max_steps} generator steps (max_steps; {cfg.epochs} epochs would be {total})")
-            total = int(cfg.max_steps)
+        n = len(x)
+        bs, steps_per_epoch, total = step_plan(n, int(cfg.train_batch_size), int(cfg.epochs), cfg.max_steps)
+        if total < int(cfg.epochs) * steps_per_epoch:
+            self._set_rule("steps", f"{total} generator steps (max_steps; {cfg.epochs} epochs would be "
+                                    f"{int(cfg.epochs) * steps_per_epoch})")  # fmt: skip
         else:
             self._set_rule("steps", f"{total} generator steps ({cfg.epochs} epochs of {steps_per_epoch})")
         opt = torch.optim.Adam(g.parameters(), lr=float(cfg.lr), betas=(0.5, 0.999))
@@ -399,11 +399,9 @@ class T2UEProtect(AdditiveProtector):
         bar = progress_bar(total=total, desc="Training the noise generator", unit="step", progress=progress)
         losses: list[float] = []
         t0 = time.time()
-        for epoch in range(math.ceil(total / steps_per_epoch)):
-            g.train()
-            order = torch.randperm(n, generator=gen)
-            for s in range(min(steps_per_epoch, total - epoch * steps_per_epoch)):
-                idx = order[s * bs : (s + 1) * bs]
+        g.train()
+        for batches in shuffled_epochs(n, bs, steps_per_epoch, total, gen):
+            for idx in batches:
                 cond = text[idx].to(dev)
                 z = torch.randn(len(idx), int(cfg.noise_dim), generator=gen).to(dev) if cfg.noise_dim else None
                 delta = self._to_working(g(cond, z), res)

@@ -358,7 +358,7 @@ def train_clip(model: PixelCLIP, tokenizer, images: torch.Tensor, captions: Sequ
     """
     from ..core.augment import BatchRandom, random_crop_flip
     from ..core.progress import progress_bar
-    from ..core.schedules import warmup_cosine
+    from ..core.schedules import shuffled_epochs, step_plan, warmup_cosine
 
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     flat = [c for caps in captions for c in caps]
@@ -366,17 +366,12 @@ def train_clip(model: PixelCLIP, tokenizer, images: torch.Tensor, captions: Sequ
     counts = torch.tensor([len(c) for c in captions])
     starts = torch.cumsum(counts, 0) - counts
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(images)
-    bs = min(batch_size, n)
-    steps_per_epoch = max(1, n // bs)  # full batches only: a contrastive batch of 3 is a different task
-    total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+    bs, per_epoch, total = step_plan(len(images), batch_size, epochs, max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warmup=0.1))
-    bar = progress_bar(range(math.ceil(total / steps_per_epoch)), desc=desc, progress=progress)
-    for epoch in bar:
+    bar = progress_bar(total=math.ceil(total / per_epoch), desc=desc, progress=progress)
+    for batches in shuffled_epochs(len(images), bs, per_epoch, total, gen):
         model.train()
-        order = torch.randperm(n, generator=gen)
-        for s in range(min(steps_per_epoch, total - epoch * steps_per_epoch)):
-            idx = order[s * bs : (s + 1) * bs]
+        for idx in batches:
             pick = starts[idx] + (torch.rand(len(idx), generator=gen) * counts[idx]).long()  # one caption each
             x = random_crop_flip(images[idx], BatchRandom(gen, len(idx))).to(device)
             loss = contrastive_loss(model(x), model.encode_text(ids[pick].to(device)), model.scale)
@@ -385,8 +380,10 @@ def train_clip(model: PixelCLIP, tokenizer, images: torch.Tensor, captions: Sequ
             opt.step()
             sched.step()
         shown = on_epoch(model) if on_epoch is not None else None
+        bar.update(1)
         if shown:
             bar.set_postfix_str(shown)
+    bar.close()
     model.eval()
     return model
 
