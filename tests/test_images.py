@@ -129,3 +129,22 @@ def test_palette_transparency_survives():
     out.save(buf, format=out.format)
     back = PIL.Image.open(io.BytesIO(buf.getvalue()))
     assert back.info.get("transparency") == 3
+
+
+def test_photo_previews_show_the_stored_pixels_at_full_resolution():
+    """Thumbnails of photos hide the noise: the preview adds 1:1 centre crops of the clean and protected image."""
+    from uexamples.preview import PHOTO_CELL, preview_grid
+
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    protected = np.clip(clean.astype(int) + rng.integers(-3, 4, clean.shape), 0, 255).astype(np.uint8)
+    pair = (NativeImage.from_pil(PIL.Image.fromarray(clean)), NativeImage.from_pil(PIL.Image.fromarray(protected)))
+    sheet = np.asarray(preview_grid([pair], cell=96, gap=4))
+    assert sheet.shape[1] == 5 * PHOTO_CELL + 6 * 4  # clean | protected | noise | clean 1:1 | protected 1:1
+    top = 16 + 4
+    for column, source in ((3, clean), (4, protected)):
+        left = 4 + column * (PHOTO_CELL + 4)
+        tile = sheet[top : top + PHOTO_CELL, left : left + PHOTO_CELL]
+        assert np.array_equal(tile, source[240 - 80 : 240 + 80, 320 - 80 : 320 + 80])  # pixel for pixel, not resampled
+    small = (NativeImage.from_pil(PIL.Image.fromarray(clean[:32, :32])),) * 2
+    assert np.asarray(preview_grid([small], cell=96, gap=4)).shape[1] == 3 * 96 + 4 * 4  # small images: as before

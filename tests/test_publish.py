@@ -281,3 +281,32 @@ def test_several_splits_are_protected_together_and_published_in_one_repository(t
     assert any(p.startswith("data/train-") for p in files) and any(p.startswith("data/test-") for p in files)
     card = files["README.md"].decode()
     assert "splits `train` (500 images), `test`" in card and "fitted on `train`" in card
+
+
+def test_a_streamed_run_is_published_as_its_parquet_shards(tmp_path, local_hub, grey_sample_repo):
+    """hub_scripts/protect.py --streaming: parquet shards written a batch at a time, uploaded as they are, with a
+    card whose configs point at them; the repo loads back by id with the pixels of a non-streamed run."""
+    out = tmp_path / "out"
+    res = push(tmp_path, local_hub, out, grey_sample_repo, ["--streaming", "--max-shard-size", "20KB"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = local_hub.repos[REPO_ID].files
+    shards = sorted(p for p in files if p.startswith("data/"))
+    assert len(shards) > 1 and shards == sorted(f"data/{p.name}" for p in (out / "dataset" / "data").glob("*.parquet"))
+    meta = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_examples": 120}]
+    for blob in [*files.values(), *local_hub.bodies]:
+        assert KEY.encode() not in blob and local_hub.token.encode() not in blob
+    check = textwrap.dedent(f"""
+        import datasets, numpy as np
+        from uexamples.cli import main
+        assert main(["protect", "--dataset", "{grey_sample_repo}", "--method", "cuda", "--quiet", "--output", "plain"]) == 0
+        hub = datasets.load_dataset("{REPO_ID}", split="train")
+        local = datasets.load_from_disk("plain/dataset")
+        same = all(np.array_equal(np.asarray(a), np.asarray(b)) and a.mode == b.mode == "L"
+                   for a, b in zip(hub["image"], local["image"]))
+        print("EQUAL" if same and len(hub) == 120 and hub["label"] == local["label"] else "DIFFERENT")
+    """)
+    loaded = subprocess.run([sys.executable, "-c", check], env=hub_env(tmp_path, local_hub), capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert loaded.stdout.strip().endswith("EQUAL"), loaded.stderr[-3000:]

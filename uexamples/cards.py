@@ -98,10 +98,14 @@ def stored_formats(protected: datasets.Dataset, image_column: str) -> list[str]:
     raw = protected.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
     found = set()
     for batch in raw.iter(batch_size=256):  # a batch of encoded images in memory at a time, not the whole split
-        for cell in batch[image_column]:
-            head = (cell or {}).get("bytes") or b""
-            found.add("TIFF" if head[:4] in (b"II*\x00", b"MM\x00*") else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else "other")
+        found.update(cell_format(cell) for cell in batch[image_column])
     return sorted(found)
+
+
+def cell_format(cell: dict | None) -> str:
+    """"PNG", "TIFF" or "other": the container of one encoded image cell, from its first bytes."""
+    head = (cell or {}).get("bytes") or b""
+    return "TIFF" if head[:4] in (b"II*\x00", b"MM\x00*") else "PNG" if head[:8] == b"\x89PNG\r\n\x1a\n" else "other"
 
 
 def protection_summary(source: datasets.Dataset, protected: datasets.Dataset, protector: Any, dataset: str | None,
@@ -128,18 +132,26 @@ def protection_summary(source: datasets.Dataset, protected: datasets.Dataset, pr
     timings["quality_seconds"] = round(time.time() - t0, 2)
     if started is not None:
         timings["seconds"] = round(time.time() - started, 2)
+    return summary_of(protector, columns, dataset, split, config, images=len(source), quality=quality,
+                      formats=stored_formats(protected, columns.image), splits=splits, **timings)  # fmt: skip
+
+
+def summary_of(protector: Any, columns: Any, dataset: str | None, split: str, config: str | None, images: int,
+               quality: dict[str, Any], formats: list[str], splits: dict[str, int] | None = None,
+               **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The summary dict from what was measured (shared by :func:`protection_summary` and the streaming writer)."""
     return {
         "uexamples_version": __version__,
         "method": protector.method,
         "dataset": dataset or "uexamples embedded CIFAR-10 sample",
         "split": split,
-        "images": len(source),
-        **timings,
+        "images": images,
+        **extra,
         "config": protector.public_config(),
         "rules": protector.rules,
         "columns": {"image": columns.image, "label": columns.label, "text": columns.text},
         "source": {"dataset": dataset, "config": config, "split": split},
-        "formats": stored_formats(protected, columns.image),
+        "formats": formats,
         "splits": splits,
         **quality,
     }

@@ -165,7 +165,83 @@ def cmd_protect(args: argparse.Namespace) -> int:
         return _protect(args, out_dir)
 
 
+def load_stream(name: str | None, config: str | None, split: str) -> datasets.IterableDataset:
+    """The split as an ``IterableDataset``: streamed from the Hub or a local repo folder (nothing is downloaded
+    or cached whole), or a ``save_to_disk`` folder / the embedded sample read row by row."""
+    path = Path(name) if name is not None else None
+    if path is None or (path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())):
+        return load_any_dataset(name, config, split).to_iterable_dataset()
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except ValueError as exc:
+        raise CLIError(f"cannot stream split {split!r} of {name}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise CLIError(f"dataset {name!r} not found (a Hub id, a local folder, or a save_to_disk folder): {exc}") from exc
+
+
+def parse_size(text: str) -> int:
+    """'500MB', '2GB', '1048576' -> bytes (the units of datasets' ``max_shard_size``)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(upper[: -len(unit)]) * factor)
+    if upper.isdigit():
+        return int(upper)
+    raise CLIError(f"--max-shard-size {text!r}: give bytes or a size such as 500MB or 2GB")
+
+
+def protect_streaming(args: argparse.Namespace, out_dir: Path) -> int:
+    """``--streaming``: fit on a seeded sample of the stream, then protect it into sharded parquet, batch by batch."""
+    from .cards import summary_of
+    from .core.images import NativeImage, load_pil
+    from .preview import preview_grid
+    from .streaming import protect_stream
+
+    if args.splits:
+        raise CLIError("--streaming protects one split (--split); run it once per split")
+    max_shard_bytes = parse_size(args.max_shard_size)
+    stream = load_stream(args.dataset, args.config, args.split)
+    protector = load_protector(args) if args.protector else build_protector(args)
+    if stream.features is None:
+        raise CLIError(f"the stream of {args.dataset} has no features: cannot find its image column")
+    columns = protector.columns_for(stream.features)  # column errors before the fit
+    started = time.time()
+    if not args.protector:
+        protector.fit(stream, progress=not args.quiet, stream_sample=args.stream_sample)
+    fit_s = time.time() - started
+    tmp = partial_dir(out_dir)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.time()
+        report = protect_stream(protector, stream, tmp / "dataset", split=args.split, max_shard_bytes=max_shard_bytes,
+                                batch_size=args.map_batch_size or 64, progress=not args.quiet)  # fmt: skip
+        map_s = time.time() - t0
+        if report["images"] == 0:
+            raise CLIError(f"split {args.split!r} is empty (0 rows): nothing to protect")
+        protector.save_pretrained(tmp / "protector")
+        pairs = [(NativeImage.from_pil(load_pil(o)), NativeImage.from_pil(load_pil(p))) for o, p in report["preview"]]
+        preview_grid(pairs).save(tmp / "preview.png", format="PNG")
+        summary = summary_of(protector, columns, args.dataset, args.split, args.config, images=report["images"],
+                             quality=report["quality"], formats=report["formats"], streaming=True,
+                             shards=[p.name for p in report["shards"]], fit_seconds=round(fit_s, 2),
+                             map_seconds=round(map_s, 2), seconds=round(time.time() - started, 2))  # fmt: skip
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        move_into_place(tmp, out_dir, overwrite=bool(args.overwrite))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"protected {summary['images']} images with {protector.method.upper()} (streaming) in {summary['seconds']:.1f} s "
+          f"(fit {fit_s:.1f} s, map and quality {map_s:.1f} s), {len(report['shards'])} parquet shard(s)\n"
+          f"  L-inf {summary['linf_levels']} levels, mean PSNR {summary['mean_psnr']:.2f} dB, mean SSIM "
+          f"{summary['mean_ssim']:.4f}\n  dataset: {out_dir / 'dataset'}  (load with datasets.load_dataset)\n"
+          f"  preview: {out_dir / 'preview.png'}\n  summary: {out_dir / 'summary.json'}")  # fmt: skip
+    return 0
+
+
 def _protect(args: argparse.Namespace, out_dir: Path) -> int:
+    if args.streaming:
+        return protect_streaming(args, out_dir)
     names = [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else [args.split]
     if len(set(names)) != len(names):
         raise CLIError(f"--splits names a split twice: {args.splits}")
@@ -209,8 +285,10 @@ def _load_protected(path: str, split: str) -> tuple[datasets.Dataset, dict | Non
     """A ``uexamples protect`` output folder (dataset/ + summary.json) or any dataset; also its summary."""
     folder = Path(path)
     if (folder / "summary.json").is_file() and (folder / "dataset").is_dir():
-        ds = datasets.load_from_disk(str(folder / "dataset"))
         summary = json.loads((folder / "summary.json").read_text())
+        if summary.get("streaming"):  # parquet shards laid out as a Hub dataset repo
+            return datasets.load_dataset(str(folder / "dataset"), split=summary.get("split", "train")), summary
+        ds = datasets.load_from_disk(str(folder / "dataset"))
         if isinstance(ds, datasets.DatasetDict):  # a --splits output: the split asked for (default: the fitted one)
             split = split if split in ds else summary.get("split", "train")
             ds = ds[split]
@@ -334,6 +412,12 @@ def add_protect_arguments(p: argparse.ArgumentParser, method: str | None = DEFAU
                    "protect with it, no fit; its method and config come with it (T2UE: noise from the captions alone)")  # fmt: skip
     p.add_argument("--map-batch-size", type=int, default=None,
                    help="rows per datasets.map batch (default: from the image size, so that large photos fit in memory)")
+    p.add_argument("--streaming", action="store_true",
+                   help="read the split as a stream and write dataset/ as parquet shards, a batch at a time (bounded memory, "
+                        "for datasets larger than memory); the fit uses a seeded sample of --stream-sample rows")  # fmt: skip
+    p.add_argument("--stream-sample", type=int, default=10_000,
+                   help="with --streaming: rows of the stream the fit sees (shuffled with the seed; default 10000)")
+    p.add_argument("--max-shard-size", default="500MB", help="with --streaming: size of each parquet shard (default 500MB)")
     p.add_argument("--output", required=True, help="output folder (dataset/, protector/, summary.json, preview.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars, errors only")

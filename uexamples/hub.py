@@ -67,7 +67,10 @@ def publish(protected: Any, repo_id: str, private: bool = False, evaluation: Any
         if not summary_path.is_file():
             raise PublishError(f"{out_dir} is not a finished uexamples output (no summary.json)")
         summary = json.loads(summary_path.read_text())
-        ds = datasets.load_from_disk(str(out_dir / "dataset"))
+        if summary.get("streaming"):  # parquet shards in the Hub's layout already: uploaded as they are
+            ds: Any = ParquetFolder(out_dir / "dataset", summary.get("split") or "train")
+        else:
+            ds = datasets.load_from_disk(str(out_dir / "dataset"))
         return _push(ds, summary, repo_id, out_dir / "preview.png", evaluation, private, token, out_dir)
     if not isinstance(protected, datasets.Dataset):
         raise TypeError(f"publish takes a protected datasets.Dataset or an output folder, got {type(protected).__name__}")
@@ -81,6 +84,33 @@ def publish(protected: Any, repo_id: str, private: bool = False, evaluation: Any
     with tempfile.TemporaryDirectory() as tmp:
         summary = protection_summary(source, protected, protector, dataset_name, split, preview=Path(tmp) / "preview.png")
         return _push(protected, summary, repo_id, Path(tmp) / "preview.png", evaluation, private, token, None)
+
+
+class ParquetFolder:
+    """A ``--streaming`` output's ``dataset/``: parquet shards under ``data/``, pushed without loading them."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.folder, self.split = Path(folder), split
+        self.shards = sorted((self.folder / "data").glob(f"{split}-*.parquet"))
+        if not self.shards:
+            raise PublishError(f"{self.folder / 'data'} holds no {split}-*.parquet shard")
+
+    def push_to_hub(self, repo_id: str, private: bool, token: str | None) -> dict[str, Any]:
+        """Upload the shards; return the card metadata that ``Dataset.push_to_hub`` would have written."""
+        import datasets
+        import pyarrow.parquet as pq
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(self.folder), allow_patterns=["data/*.parquet"],
+                          commit_message="uexamples: protected parquet shards")  # fmt: skip
+        features = datasets.Features.from_arrow_schema(pq.read_schema(self.shards[0]))
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in self.shards)
+        return {
+            "dataset_info": {"features": features._to_yaml_list(), "splits": [{"name": self.split, "num_examples": rows}]},
+            "configs": [{"config_name": "default", "data_files": [{"split": self.split, "path": f"data/{self.split}-*"}]}],
+        }
 
 
 def _evaluation_files(evaluation: Any, tmp: Path) -> tuple[str | None, Path | None]:
@@ -108,15 +138,18 @@ def _push(ds: Any, summary: dict, repo_id: str, preview: Path, evaluation: Any, 
     with tempfile.TemporaryDirectory() as tmp:
         table, curves = _evaluation_files(evaluation, Path(tmp))
         try:
-            if isinstance(ds, datasets.DatasetDict):  # a --splits output: every split in the one repository
-                ds.push_to_hub(repo_id, private=private, token=token)
+            if isinstance(ds, ParquetFolder):
+                written = ds.push_to_hub(repo_id, private=private, token=token)
             else:
-                ds.push_to_hub(repo_id, split=split, private=private, token=token)
-            pushed = DatasetCard.load(repo_id, repo_type="dataset", token=token)
+                if isinstance(ds, datasets.DatasetDict):  # a --splits output: every split in the one repository
+                    ds.push_to_hub(repo_id, private=private, token=token)
+                else:
+                    ds.push_to_hub(repo_id, split=split, private=private, token=token)
+                written = DatasetCard.load(repo_id, repo_type="dataset", token=token).data.to_dict()
             card = DatasetCard(render_card(summary, repo_id, source_license((summary.get("source") or {}).get("dataset")),
                                            evaluation=table))  # fmt: skip
             for key in ("dataset_info", "configs"):
-                value = pushed.data.to_dict().get(key)
+                value = written.get(key)
                 if value is not None:
                     card.data[key] = value
             ops = [CommitOperationAdd("README.md", str(card).encode()), CommitOperationAdd("preview.png", str(preview))]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import numpy as np
 import torch
@@ -103,51 +105,69 @@ def image_quality(original: np.ndarray, protected: np.ndarray, maxval: int = 255
     }
 
 
+class QualityMeter:
+    """Image quality of protected images against their originals, added pair by pair (a stream needs no second pass).
+
+    L-inf is taken over every pair; the other metrics are means over the first ``limit`` pairs (all when
+    None). PSNR averages the finite values (an unchanged image has infinite PSNR).
+    """
+
+    def __init__(self, limit: int | None = 2000) -> None:
+        self.limit = limit
+        self.linf = 0
+        self.rows: list[dict[str, float]] = []
+        self.count = 0
+
+    def add(self, original_cell: Any, protected_cell: Any, row: int | None = None) -> None:
+        o = NativeImage.from_pil(load_pil(original_cell, row=row), row=row)
+        p = NativeImage.from_pil(load_pil(protected_cell, row=row), row=row)
+        lo, lp = o.levels, p.levels  # for P images: the shown colours, not palette indices
+        if lo.shape != lp.shape:
+            raise ValueError(f"row {row}: protected image {lp.shape} and original {lo.shape} differ in size")
+        if self.limit is None or self.count < self.limit:
+            q = image_quality(lo, lp, o.maxval)
+            q["linf_255"] = q["linf"] * 255 / o.maxval
+            self.rows.append(q)
+            self.linf = max(self.linf, q["linf"])
+        else:
+            self.linf = max(self.linf, int(np.abs(lo.astype(np.int64) - lp).max(initial=0)))
+        self.count += 1
+
+    def result(self) -> dict[str, float]:
+        rows = self.rows
+        finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
+
+        def mean(key: str, default: float) -> float:
+            return float(np.mean([r[key] for r in rows])) if rows else default
+
+        return {
+            "linf_levels": self.linf,
+            "mean_l2": mean("l2", 0.0),
+            "mean_psnr": float(np.mean(finite)) if finite else float("inf"),
+            "mean_ssim": mean("ssim", 1.0),
+            "changed_pixels": mean("changed_pixels", 0.0),
+            "changed_values": mean("changed_values", 0.0),
+            "quality_images": len(rows),
+        }
+
+
 def dataset_quality(
     original: datasets.Dataset, protected: datasets.Dataset, image_column: str, limit: int | None = 2000,
     progress: bool = False,
 ) -> dict[str, float]:
-    """Image quality of a protected split against its original, row by row at the stored pixels.
-
-    L-inf is taken over every image; the other metrics are means over the first ``limit`` images
-    (all when None). PSNR averages the finite values (an unchanged image has infinite PSNR).
-    """
+    """Image quality of a protected split against its original, row by row at the stored pixels
+    (:class:`QualityMeter` over the aligned rows)."""
     if len(original) != len(protected):
         raise ValueError(f"the protected set has {len(protected)} rows and the original {len(original)}: they must align")
     raw_o = original.cast_column(image_column, datasets.Image(decode=False))
     raw_p = protected.cast_column(image_column, datasets.Image(decode=False))
-    limit = len(raw_o) if limit is None else limit
-    linf, rows = 0, []
+    meter = QualityMeter(limit)
     bar = progress_bar(total=len(raw_o), desc="Measuring image quality", unit="img", progress=progress)
     for start in range(0, len(raw_o), 500):
         cells_o = raw_o[start : start + 500][image_column]
         cells_p = raw_p[start : start + 500][image_column]
         for i, (co, cp) in enumerate(zip(cells_o, cells_p)):
-            o = NativeImage.from_pil(load_pil(co, row=start + i), row=start + i)
-            p = NativeImage.from_pil(load_pil(cp, row=start + i), row=start + i)
-            lo, lp = o.levels, p.levels  # for P images: the shown colours, not palette indices
-            if lo.shape != lp.shape:
-                raise ValueError(f"row {start + i}: protected image {lp.shape} and original {lo.shape} differ in size")
-            if start + i < limit:
-                q = image_quality(lo, lp, o.maxval)
-                q["linf_255"] = q["linf"] * 255 / o.maxval
-                rows.append(q)
-                linf = max(linf, q["linf"])
-            else:
-                linf = max(linf, int(np.abs(lo.astype(np.int64) - lp).max(initial=0)))
+            meter.add(co, cp, row=start + i)
         bar.update(len(cells_o))
     bar.close()
-    finite = [r["psnr"] for r in rows if np.isfinite(r["psnr"])]
-
-    def mean(key: str, default: float) -> float:
-        return float(np.mean([r[key] for r in rows])) if rows else default
-
-    return {
-        "linf_levels": linf,
-        "mean_l2": mean("l2", 0.0),
-        "mean_psnr": float(np.mean(finite)) if finite else float("inf"),
-        "mean_ssim": mean("ssim", 1.0),
-        "changed_pixels": mean("changed_pixels", 0.0),
-        "changed_values": mean("changed_values", 0.0),
-        "quality_images": len(rows),
-    }
+    return meter.result()

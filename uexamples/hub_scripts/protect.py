@@ -8,7 +8,8 @@
     ACCELERATE_USE_CPU=1 OMP_NUM_THREADS=1 accelerate launch --multi_gpu --num_processes 2 \\
         hub_scripts/protect.py --dataset ../shared/datasets/cifar10-10k --method cuda --output out/
 
-Takes the options of ``uexamples protect`` plus ``--push-to-hub REPO_ID``, ``--private``,
+Takes the options of ``uexamples protect`` (``--streaming`` included: one process, parquet shards, bounded
+memory; publishing uploads the shards as they are) plus ``--push-to-hub REPO_ID``, ``--private``,
 ``--chunk-size``, ``--fit-checkpoint-steps`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
 in the card).
 
@@ -109,6 +110,16 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
     from uexamples.cli import CLIError, build_protector, load_any_dataset, load_protector, write_output
 
     main_process = accelerator.is_main_process
+    if args.streaming:  # the stream is read once, in order, by one process: parquet shards, bounded memory
+        if accelerator.num_processes > 1:
+            raise CLIError("--streaming runs on one process (a stream is read in order; its rows cannot be cut into "
+                           "chunks without reading it): launch without --num_processes, or drop --streaming")  # fmt: skip
+        from uexamples.cli import protect_streaming
+
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run_identity(args, secrets), indent=2))
+        protect_streaming(args, out_dir)
+        return
     ds = load_any_dataset(args.dataset, args.config, args.split)
     if len(ds) == 0:
         raise CLIError("the dataset is empty (0 rows): nothing to protect")

@@ -130,7 +130,8 @@ class PerturbationGenerator(nn.Module):
 
 def cluster_seed(seed: int, cluster: int) -> int:
     """An independent seed per cluster: a cluster's perturbation does not depend on which process trains it."""
-    return int(np.random.SeedSequence([seed, cluster]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
+    # the shift on a Python int: numpy 1.x cannot shift a uint64 by a Python int (it casts both to float64)
+    return int(np.random.SeedSequence([seed, cluster]).generate_state(2, dtype=np.uint32).view(np.uint64)[0]) >> 1
 
 
 def kmeans(features: np.ndarray, k: int, seed: int, restarts: int) -> np.ndarray:

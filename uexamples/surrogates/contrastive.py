@@ -191,6 +191,12 @@ class ConvCLIP(PixelCLIP):
         return {"kind": "clip-conv", "vocabulary": self.vocabulary, **self.hparams}
 
 
+def _projected(out: Any) -> torch.Tensor:
+    """The projected features of ``get_image_features``/``get_text_features``: a tensor in transformers 4, an
+    output whose ``pooler_output`` holds them in transformers 5."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
 class TransformersCLIP(PixelCLIP):
     """A transformers ``CLIPModel`` in pixel space: resize to its input size and normalise in torch."""
 
@@ -207,10 +213,10 @@ class TransformersCLIP(PixelCLIP):
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return self.model.get_image_features(pixel_values=(x - self.mean) / self.std).pooler_output
+        return _projected(self.model.get_image_features(pixel_values=(x - self.mean) / self.std))
 
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        return _projected(self.model.get_text_features(input_ids=ids, attention_mask=mask))
 
     def token_embedding(self) -> nn.Embedding:
         return self.model.text_model.get_input_embeddings()
