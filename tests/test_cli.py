@@ -43,7 +43,7 @@ def test_protect_sem_on_a_grayscale_dataset_repo(tmp_path, grey_sample_repo):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 120 and summary["linf_levels"] <= 8
     # train_steps given: no fit-length rule; the resolution rule decided and is in the summary and the card
-    assert summary["rules"] == {"resolution": "native 32x32 (every fit image is 32x32, at most native_up_to=32 px)"}
+    assert summary["rules"] == {"resolution": "native 32x32 (every fit image is 32x32, at most native_up_to=32 px; larger images: the 32 px grid)"}
     from uexamples.cards import render_card
 
     assert "preset's rule, resolution: native 32x32" in render_card(summary, "someone/grey", license="mit")

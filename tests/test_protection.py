@@ -100,7 +100,7 @@ def test_resolution_rule_works_small_images_natively_and_records_it(small_ds, tm
     grey28 = resized(small_ds.select(range(24)), 28, "L")
     p = ue.SEMProtect(**tiny).fit(grey28, progress=False)
     assert p.working_resolution() is None
-    assert p.rules == {"resolution": "native 28x28 (every fit image is 28x28, at most native_up_to=32 px)"}
+    assert p.rules == {"resolution": "native 28x28 (every fit image is 28x28, at most native_up_to=32 px; larger images: the 32 px grid)"}
 
     def no_resizing(*args, **kwargs):
         raise AssertionError("an image or its noise was resized")
@@ -113,6 +113,14 @@ def test_resolution_rule_works_small_images_natively_and_records_it(small_ds, tm
     assert q.working_resolution() is None and q.rules == p.rules
     again = grey28.map(q, batched=True, load_from_cache_file=False)
     assert all(a["image"].tobytes() == b["image"].tobytes() for a, b in zip(out, again))
+    # photos met at map time go to the grid (natively, a 12 Mpx photo took 130 s and 11 GB); 28 px stay native
+    seen: list[tuple] = []
+    work = q.perturbation
+    q.perturbation = lambda x, batch, grey: (seen.append(tuple(x.shape[2:])), work(x, batch, grey))[1]
+    photos = datasets.concatenate_datasets([resized(small_ds.select(range(2)), 200, "L"), grey28.select(range(2))])
+    done = photos.map(q, batched=True, load_from_cache_file=False)
+    assert sorted(seen) == [(28, 28), (32, 32)] and done[0]["image"].size == (200, 200)
+    assert 0 < np.abs(np.asarray(done[0]["image"], int) - np.asarray(photos[0]["image"], int)).max() <= 8
 
     big = ue.SEMProtect(**tiny).fit(resized(small_ds.select(range(24)), 40), progress=False)
     assert big.working_resolution() == 32 and big.rules["resolution"].startswith("32 px grid (images larger")

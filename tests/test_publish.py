@@ -283,19 +283,24 @@ def test_several_splits_are_protected_together_and_published_in_one_repository(t
     assert "splits `train` (500 images), `test`" in card and "fitted on `train`" in card
 
 
-def test_a_streamed_run_is_published_as_its_parquet_shards(tmp_path, local_hub, grey_sample_repo):
-    """hub_scripts/protect.py --streaming: parquet shards written a batch at a time, uploaded as they are, with a
-    card whose configs point at them; the repo loads back by id with the pixels of a non-streamed run."""
+def test_a_streamed_run_uploads_each_shard_as_it_is_written(tmp_path, local_hub, grey_sample_repo):
+    """hub_scripts/protect.py --streaming --push-to-hub: each finished parquet shard is uploaded (one commit each)
+    and deleted, so the disk never holds the dataset; the card's configs point at the shards; the repo loads
+    back by id with the pixels of a non-streamed run."""
     out = tmp_path / "out"
     res = push(tmp_path, local_hub, out, grey_sample_repo, ["--streaming", "--max-shard-size", "20KB"])
     assert res.returncode == 0, res.stderr[-3000:]
-    files = local_hub.repos[REPO_ID].files
-    shards = sorted(p for p in files if p.startswith("data/"))
-    assert len(shards) > 1 and shards == sorted(f"data/{p.name}" for p in (out / "dataset" / "data").glob("*.parquet"))
-    meta = yaml.safe_load(files["README.md"].decode().split("---")[1])
+    repo = local_hub.repos[REPO_ID]
+    shards = sorted(p for p in repo.files if p.startswith("data/"))
+    assert len(shards) > 1 and all(p.startswith("data/train-") and p.endswith(".parquet") for p in shards)
+    assert len(repo.commits) == len(shards) + 1  # a commit per shard as it was finished, then the card
+    assert not list((out / "dataset").rglob("*.parquet"))  # uploaded shards left the disk
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_uploaded"] and summary["shards"] == [p.removeprefix("data/") for p in shards]
+    meta = yaml.safe_load(repo.files["README.md"].decode().split("---")[1])
     assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
     assert meta["dataset_info"]["splits"] == [{"name": "train", "num_examples": 120}]
-    for blob in [*files.values(), *local_hub.bodies]:
+    for blob in [*repo.files.values(), *local_hub.bodies]:
         assert KEY.encode() not in blob and local_hub.token.encode() not in blob
     check = textwrap.dedent(f"""
         import datasets, numpy as np
@@ -310,3 +315,23 @@ def test_a_streamed_run_is_published_as_its_parquet_shards(tmp_path, local_hub, 
     loaded = subprocess.run([sys.executable, "-c", check], env=hub_env(tmp_path, local_hub), capture_output=True,
                             text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert loaded.stdout.strip().endswith("EQUAL"), loaded.stderr[-3000:]
+
+
+def test_a_streamed_output_is_published_from_its_folder(tmp_path, local_hub):
+    """`uexamples protect --streaming` then `publish(folder)`: the shards are uploaded as they are."""
+    env = hub_env(tmp_path, local_hub)
+    res = _python(f"""
+        import datasets, numpy as np
+        from uexamples.cli import main
+        from uexamples.hub import publish
+        assert main(["protect", "--method", "cuda", "--num-classes", "10", "--streaming", "--max-shard-size", "100KB",
+                     "--output", "o", "--quiet"]) == 0
+        publish("o", "tester/streamed")
+        back = datasets.load_dataset("tester/streamed", split="train")
+        local = datasets.load_dataset("o/dataset", split="train")
+        assert len(back) == 500 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(back["image"], local["image"]))
+    """, env, tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    files = local_hub.repos["tester/streamed"].files
+    assert sorted(p for p in files if p.startswith("data/")) == sorted(
+        f"data/{p.name}" for p in (tmp_path / "o" / "dataset" / "data").glob("*.parquet"))

@@ -191,8 +191,10 @@ def parse_size(text: str) -> int:
     raise CLIError(f"--max-shard-size {text!r}: give bytes or a size such as 500MB or 2GB")
 
 
-def protect_streaming(args: argparse.Namespace, out_dir: Path) -> int:
-    """``--streaming``: fit on a seeded sample of the stream, then protect it into sharded parquet, batch by batch."""
+def protect_streaming(args: argparse.Namespace, out_dir: Path, on_shard: Any = None) -> int:
+    """``--streaming``: fit on a seeded sample of the stream, then protect it into sharded parquet, batch by batch.
+
+    ``on_shard(path)``: called with each finished shard (the hub script uploads and deletes it there)."""
     from .cards import summary_of
     from .core.images import NativeImage, load_pil
     from .preview import preview_grid
@@ -215,7 +217,7 @@ def protect_streaming(args: argparse.Namespace, out_dir: Path) -> int:
     try:
         t0 = time.time()
         report = protect_stream(protector, stream, tmp / "dataset", split=args.split, max_shard_bytes=max_shard_bytes,
-                                batch_size=args.map_batch_size or 64, progress=not args.quiet)  # fmt: skip
+                                batch_size=args.map_batch_size or 64, progress=not args.quiet, on_shard=on_shard)  # fmt: skip
         map_s = time.time() - t0
         if report["images"] == 0:
             raise CLIError(f"split {args.split!r} is empty (0 rows): nothing to protect")
@@ -224,7 +226,8 @@ def protect_streaming(args: argparse.Namespace, out_dir: Path) -> int:
         preview_grid(pairs).save(tmp / "preview.png", format="PNG")
         summary = summary_of(protector, columns, args.dataset, args.split, args.config, images=report["images"],
                              quality=report["quality"], formats=report["formats"], streaming=True,
-                             shards=[p.name for p in report["shards"]], fit_seconds=round(fit_s, 2),
+                             shards=[p.name for p in report["shards"]], shards_uploaded=on_shard is not None,
+                             features=report["features"]._to_yaml_list(), fit_seconds=round(fit_s, 2),
                              map_seconds=round(map_s, 2), seconds=round(time.time() - started, 2))  # fmt: skip
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         move_into_place(tmp, out_dir, overwrite=bool(args.overwrite))

@@ -68,7 +68,7 @@ def publish(protected: Any, repo_id: str, private: bool = False, evaluation: Any
             raise PublishError(f"{out_dir} is not a finished uexamples output (no summary.json)")
         summary = json.loads(summary_path.read_text())
         if summary.get("streaming"):  # parquet shards in the Hub's layout already: uploaded as they are
-            ds: Any = ParquetFolder(out_dir / "dataset", summary.get("split") or "train")
+            ds: Any = ParquetFolder(out_dir / "dataset", summary)
         else:
             ds = datasets.load_from_disk(str(out_dir / "dataset"))
         return _push(ds, summary, repo_id, out_dir / "preview.png", evaluation, private, token, out_dir)
@@ -87,30 +87,54 @@ def publish(protected: Any, repo_id: str, private: bool = False, evaluation: Any
 
 
 class ParquetFolder:
-    """A ``--streaming`` output's ``dataset/``: parquet shards under ``data/``, pushed without loading them."""
+    """A ``--streaming`` output's ``dataset/``: parquet shards under ``data/``, pushed without loading them (or
+    already on the Hub, uploaded one by one while they were written: :class:`ShardUploader`)."""
 
-    def __init__(self, folder: Path, split: str) -> None:
-        self.folder, self.split = Path(folder), split
-        self.shards = sorted((self.folder / "data").glob(f"{split}-*.parquet"))
-        if not self.shards:
-            raise PublishError(f"{self.folder / 'data'} holds no {split}-*.parquet shard")
+    def __init__(self, folder: Path, summary: dict[str, Any]) -> None:
+        self.folder, self.summary = Path(folder), summary
+        self.split = summary.get("split") or "train"
+        self.uploaded = bool(summary.get("shards_uploaded"))
+        self.shards = sorted((self.folder / "data").glob(f"{self.split}-*.parquet"))
+        if not self.shards and not self.uploaded:
+            raise PublishError(f"{self.folder / 'data'} holds no {self.split}-*.parquet shard")
 
     def push_to_hub(self, repo_id: str, private: bool, token: str | None) -> dict[str, Any]:
-        """Upload the shards; return the card metadata that ``Dataset.push_to_hub`` would have written."""
-        import datasets
-        import pyarrow.parquet as pq
+        """Upload the shards (unless they are there already); return the card metadata that
+        ``Dataset.push_to_hub`` would have written."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(self.folder), allow_patterns=["data/*.parquet"],
-                          commit_message="uexamples: protected parquet shards")  # fmt: skip
-        features = datasets.Features.from_arrow_schema(pq.read_schema(self.shards[0]))
-        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in self.shards)
+        if not self.uploaded:
+            api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(self.folder),
+                              allow_patterns=["data/*.parquet"], commit_message="uexamples: protected parquet shards")  # fmt: skip
         return {
-            "dataset_info": {"features": features._to_yaml_list(), "splits": [{"name": self.split, "num_examples": rows}]},
+            "dataset_info": {"features": self.summary["features"],
+                             "splits": [{"name": self.split, "num_examples": self.summary["images"]}]},  # fmt: skip
             "configs": [{"config_name": "default", "data_files": [{"split": self.split, "path": f"data/{self.split}-*"}]}],
         }
+
+
+class ShardUploader:
+    """``on_shard`` for :func:`uexamples.streaming.protect_stream`: upload each finished shard to the dataset repo
+    and delete it, so that a dataset larger than the disk goes through one shard at a time."""
+
+    def __init__(self, repo_id: str, private: bool = False, token: str | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.repo_id, self.api = repo_id, HfApi(token=token)
+        try:
+            self.api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        except (*_TRANSPORT_ERRORS, OSError) as exc:
+            raise _explain(exc, repo_id, None) from None
+
+    def __call__(self, path: Path) -> None:
+        try:
+            self.api.upload_file(path_or_fileobj=str(path), path_in_repo=f"data/{path.name}", repo_id=self.repo_id,
+                                 repo_type="dataset", commit_message=f"uexamples: shard {path.name}")  # fmt: skip
+        except (*_TRANSPORT_ERRORS, OSError, RuntimeError) as exc:
+            raise _explain(exc, self.repo_id, None) from None
+        path.unlink()
 
 
 def _evaluation_files(evaluation: Any, tmp: Path) -> tuple[str | None, Path | None]:

@@ -42,7 +42,8 @@ class ParquetShards:
     A shard is written under a temporary name and renamed ``{split}-{index:05d}.parquet`` when it is
     complete (at ``max_shard_bytes`` of encoded rows); :meth:`close` renames them all to the Hub's
     ``-of-{count:05d}`` names, which only then are known. ``on_shard(path)`` is called for each completed
-    shard (the hub script uploads it there).
+    shard: the hub script uploads it there and deletes it, so that the disk holds one shard at a time
+    (such a shard keeps its interim name, which the card's ``data/{split}-*`` pattern matches).
     """
 
     def __init__(self, folder: str | os.PathLike, split: str, features: datasets.Features,
@@ -91,6 +92,9 @@ class ParquetShards:
             self.done.append(self.folder / f"{self.split}-00000.parquet")
         final = []
         for i, path in enumerate(self.done):
+            if not path.exists():  # uploaded and deleted by on_shard
+                final.append(path)
+                continue
             target = path.with_name(f"{self.split}-{i:05d}-of-{len(self.done):05d}.parquet")
             path.rename(target)
             final.append(target)
@@ -148,4 +152,4 @@ def protect_stream(protector: Any, stream: datasets.IterableDataset, folder: str
     finally:
         bar.close()
     return {"images": row, "shards": shards, "quality": meter.result(), "formats": sorted(formats), "preview": preview,
-            "image_column": image}  # fmt: skip
+            "image_column": image, "features": stream.features}  # fmt: skip

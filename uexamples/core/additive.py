@@ -124,18 +124,27 @@ class AdditiveProtector(Protector):
         """Noise (B, 3, r, r) for the working batch ``x`` of ``batch`` (``batch.keys`` seed per-sample randomness)."""
         raise NotImplementedError
 
+    def native_limit(self) -> int | None:
+        """At native resolution, the largest image side worked natively (larger images go to the grid of
+        ``default_resolution``); None: every image natively (``resolution="native"`` set explicitly)."""
+        return None
+
     def working_batches(self, batch: ProtectBatch) -> list[tuple[list[int], ProtectBatch, torch.Tensor, torch.Tensor]]:
         """``batch`` as working batches: (its rows, the sub-batch, x, grey); one per image size at native
-        resolution, else the whole batch at the working resolution."""
+        resolution (images above :meth:`native_limit` together on the grid), else the whole batch at the
+        working resolution."""
         res = self.working_resolution()
         if res is None:  # one working batch per image size
+            limit = self.native_limit()
             groups: dict[tuple, list[int]] = {}
             for i, img in enumerate(batch.images):
-                groups.setdefault(img.color.shape[1:], []).append(i)
-            parts = [(idx, batch.select(idx)) for idx in groups.values()]
+                h, w = img.color.shape[1:]
+                groups.setdefault((h, w) if limit is None or max(h, w) <= limit else "grid", []).append(i)
+            parts = [(idx, batch.select(idx), self.default_resolution if key == "grid" else None)
+                     for key, idx in groups.items()]  # fmt: skip
         else:
-            parts = [(list(range(len(batch))), batch)]
-        return [(idx, part, *to_working(part.images, res)) for idx, part in parts]
+            parts = [(list(range(len(batch))), batch, res)]
+        return [(idx, part, *to_working(part.images, r)) for idx, part, r in parts]
 
     def protect_batch(self, batch: ProtectBatch) -> list[np.ndarray]:
         eps, resample = float(self.config.epsilon), self.config.resample

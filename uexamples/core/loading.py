@@ -62,6 +62,15 @@ def load_split(
     return SplitTensors(torch.cat(xs), torch.cat(greys), torch.cat(ys) if label_column is not None else None)
 
 
+def one_small_size(sizes: set[tuple[int, int]], limit: int) -> tuple[tuple[int, int] | None, str]:
+    """The presets' resolution rule: ``((w, h), why)`` when every image has one size of at most ``limit``
+    pixels a side (work it natively), else ``(None, why)`` (work it on a grid)."""
+    if len(sizes) == 1 and max(next(iter(sizes))) <= int(limit):
+        (w, h), = sizes
+        return (w, h), f"every fit image is {w}x{h}, at most native_up_to={limit} px"
+    return None, f"{len(sizes)} image sizes" if len(sizes) > 1 else f"images larger than native_up_to={limit} px"
+
+
 def image_sizes(dataset: datasets.Dataset, image_column: str, indices: Sequence[int] | None = None,
                 chunk: int = 2048) -> set[tuple[int, int]]:  # fmt: skip
     """The distinct (width, height) of ``dataset[indices]``, read from the file headers (nothing decoded)."""

@@ -109,6 +109,7 @@ class PairedSplit:
 
     images: torch.Tensor
     captions: list[list[str]]
+    image_column: str = "image"  # the column the images were read from (detected or given)
 
     def tokens(self, tokenizer, max_length: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         flat = [c for caps in self.captions for c in caps]
@@ -125,7 +126,7 @@ def load_pairs(ds: datasets.Dataset, name: str, resolution: int, image_column: s
         raise RetrievalError(f"{name} set: {exc}") from exc
     images = load_split(ds, cols.image, resolution, desc=f"Loading {name}", progress=progress).images
     caps = [caption_of(v, r) for r, v in enumerate(ds[cols.text])]
-    return PairedSplit(images, [[c] if isinstance(c, str) else list(c) for c in caps])
+    return PairedSplit(images, [[c] if isinstance(c, str) else list(c) for c in caps], cols.image)
 
 
 @dataclass
@@ -331,14 +332,13 @@ def evaluate_retrieval(
     t = load_pairs(test, "test", **load)
     c = load_pairs(clean, "clean", **load) if clean is not None else None
     test_captions = sum(len(x) for x in t.captions)
-    cols = detect_columns(protected.features, image_column, None, text_column)
     report = RetrievalReport(
         config={"victim": victim, "epochs": epochs, "seeds": seeds, "batch_size": batch_size, "lr": lr,
                 "resolution": resolution, "train_images": len(protected), "test_images": len(test),
                 "test_captions": test_captions, "countermeasures": [cm.label for cm in cms], "uexamples": __version__,
                 "torch": torch.__version__, "platform": platform.platform(),
                 "captions_changed": c is not None and c.captions != p.captions},  # fmt: skip
-        quality=dataset_quality(clean, protected, cols.image) if (quality and clean is not None) else None,
+        quality=dataset_quality(clean, protected, p.image_column) if (quality and clean is not None) else None,
         chance=chance_levels(len(test), test_captions),
     )
     common = dict(arch=victim, epochs=epochs, batch_size=batch_size, lr=lr, device=device, progress=progress)

@@ -9,7 +9,8 @@
         hub_scripts/protect.py --dataset ../shared/datasets/cifar10-10k --method cuda --output out/
 
 Takes the options of ``uexamples protect`` (``--streaming`` included: one process, parquet shards, bounded
-memory; publishing uploads the shards as they are) plus ``--push-to-hub REPO_ID``, ``--private``,
+memory; with ``--push-to-hub`` each finished shard is uploaded and deleted, so the disk holds one at a time)
+plus ``--push-to-hub REPO_ID``, ``--private``,
 ``--chunk-size``, ``--fit-checkpoint-steps`` and ``--evaluation DIR`` (a ``uexamples evaluate`` output to put
 in the card).
 
@@ -118,7 +119,12 @@ def generate(args, accelerator, out_dir: Path, work: Path, secrets: dict) -> Non
 
         work.mkdir(parents=True, exist_ok=True)
         (work / "run.json").write_text(json.dumps(run_identity(args, secrets), indent=2))
-        protect_streaming(args, out_dir)
+        uploader = None
+        if args.push_to_hub:  # each finished shard goes to the Hub and leaves the disk: larger-than-disk datasets
+            from uexamples.hub import ShardUploader
+
+            uploader = ShardUploader(args.push_to_hub, private=args.private)
+        protect_streaming(args, out_dir, on_shard=uploader)
         return
     ds = load_any_dataset(args.dataset, args.config, args.split)
     if len(ds) == 0:

@@ -35,7 +35,7 @@ from ..core.batch import ProtectBatch
 from ..core.checkpoint import FitCheckpoint
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
-from ..core.loading import image_sizes, load_split
+from ..core.loading import image_sizes, load_split, one_small_size
 from ..core.options import check_int, option
 from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
@@ -203,6 +203,14 @@ class MinMinProtector(AdditiveProtector):
         return int(min(int(cfg.train_steps), max(int(cfg.min_train_steps), steps)))
 
     # ------------------------------------------------------------------ state
+    def native_limit(self) -> int | None:
+        # the preset's rule chose native on fit images of one small size: a photo met at map time would cost
+        # a surrogate pass over all its pixels per noise step (130 s and 11 GB for a 12 Mpx photo, measured),
+        # so images above native_up_to go to the grid, as they would have at fit
+        if self.config.resolution == NATIVE:
+            return None
+        return int(self.config.native_up_to)
+
     def working_resolution(self) -> int | None:
         res = self.config.resolution
         if res == NATIVE:
@@ -248,15 +256,13 @@ class MinMinProtector(AdditiveProtector):
         if surrogate.input_size:
             self._set_rule("resolution", f"{surrogate.input_size} px grid (the surrogate's input size)")
             return
-        sizes = image_sizes(dataset, image_column, indices)
-        if len(sizes) == 1 and max(next(iter(sizes))) <= int(cfg.native_up_to):
-            (w, h), = sizes
+        size, why = one_small_size(image_sizes(dataset, image_column, indices), cfg.native_up_to)
+        if size is not None:
             self._runtime["resolution"] = NATIVE
-            self._set_rule("resolution", f"native {w}x{h} (every fit image is {w}x{h}, at most native_up_to="
-                                         f"{cfg.native_up_to} px)")  # fmt: skip
+            self._set_rule("resolution", f"native {size[0]}x{size[1]} ({why}; larger images: the "
+                                         f"{self.default_resolution} px grid)")  # fmt: skip
         else:
             self._runtime["resolution"] = self.default_resolution
-            why = f"{len(sizes)} image sizes" if len(sizes) > 1 else f"images larger than native_up_to={cfg.native_up_to} px"
             self._set_rule("resolution", f"{self.default_resolution} px grid ({why})")
 
 

@@ -70,7 +70,7 @@ from ..core.additive import AdditiveConfig, AdditiveProtector, project_grey, res
 from ..core.augment import BatchRandom, random_crop_flip
 from ..core.batch import ProtectBatch, caption_of
 from ..core.columns import Columns
-from ..core.loading import image_sizes, load_split
+from ..core.loading import image_sizes, load_split, one_small_size
 from ..core.options import check_int, option
 from ..core.progress import progress_bar
 from ..core.schedules import shuffled_epochs, step_plan
@@ -333,14 +333,9 @@ class T2UEProtect(AdditiveProtector):
             res = self.working_resolution()
             self._set_rule("resolution", f"{res} px grid (set explicitly)")
             return res
-        sizes = image_sizes(dataset, image_column)
-        if len(sizes) == 1 and max(next(iter(sizes))) <= int(cfg.native_up_to):
-            (w, h), = sizes
-            res = max(w, h)
-            self._set_rule("resolution", f"{res} px (every fit image is {w}x{h}, at most native_up_to={cfg.native_up_to} px)")
-        else:
-            res = 64
-            self._set_rule("resolution", "64 px grid (images of several sizes or larger than native_up_to)")
+        size, why = one_small_size(image_sizes(dataset, image_column), cfg.native_up_to)
+        res = max(size) if size is not None else 64
+        self._set_rule("resolution", f"{res} px ({why})" if size is not None else f"64 px grid ({why})")
         return res
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
