@@ -196,8 +196,7 @@ def protect_streaming(args: argparse.Namespace, out_dir: Path, on_shard: Any = N
 
     ``on_shard(path)``: called with each finished shard (the hub script uploads and deletes it there)."""
     from .cards import summary_of
-    from .core.images import NativeImage, load_pil
-    from .preview import preview_grid
+    from .preview import save_preview_cells
     from .streaming import protect_stream
 
     if args.splits:
@@ -222,8 +221,7 @@ def protect_streaming(args: argparse.Namespace, out_dir: Path, on_shard: Any = N
         if report["images"] == 0:
             raise CLIError(f"split {args.split!r} is empty (0 rows): nothing to protect")
         protector.save_pretrained(tmp / "protector")
-        pairs = [(NativeImage.from_pil(load_pil(o)), NativeImage.from_pil(load_pil(p))) for o, p in report["preview"]]
-        preview_grid(pairs).save(tmp / "preview.png", format="PNG")
+        save_preview_cells(report["preview"], tmp / "preview.png")
         summary = summary_of(protector, columns, args.dataset, args.split, args.config, images=report["images"],
                              quality=report["quality"], formats=report["formats"], streaming=True,
                              shards=[p.name for p in report["shards"]], shards_uploaded=on_shard is not None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -77,7 +78,12 @@ def save_preview(
     n = min(n, len(original))
     raw_o = original.cast_column(image_column, datasets.Image(decode=False))[:n][image_column]
     raw_p = protected.cast_column(image_column, datasets.Image(decode=False))[:n][image_column]
-    pairs = [(NativeImage.from_pil(load_pil(o)), NativeImage.from_pil(load_pil(p))) for o, p in zip(raw_o, raw_p)]
+    return save_preview_cells(list(zip(raw_o, raw_p)), path)
+
+
+def save_preview_cells(pairs: list[tuple[Any, Any]], path: str | Path) -> Path:
+    """Save the preview of (original, protected) image cells (PIL images or ``{"bytes": ...}`` dicts)."""
+    natives = [(NativeImage.from_pil(load_pil(o)), NativeImage.from_pil(load_pil(p))) for o, p in pairs]
     path = Path(path)
-    preview_grid(pairs).save(path, format="PNG")
+    preview_grid(natives).save(path, format="PNG")
     return path
