@@ -45,8 +45,7 @@ import datasets
 import numpy as np
 import torch
 
-from ..core.batch import ProtectBatch, caption_of, sample_key
-from ..core.images import NativeImage, load_pil
+from ..core.batch import ProtectBatch, caption_of
 from ..core.columns import Columns
 from ..core.loading import load_split
 from ..core.options import check_int, option
@@ -127,17 +126,16 @@ class MEMProtect(MinMinProtector):
     def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
         indices = self._fit_rows(len(dataset))
         self._choose_resolution(dataset, columns.image, indices)
-        split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress)
+        # with triggers, the map finds each fit image's trigger again by its per-sample key (from the same decode)
+        keys_seed = int(self.config.seed) if self.config.text_triggers else None
+        split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress, keys_seed=keys_seed)
         texts = dataset.select(indices.tolist())[columns.text]
         tokens = self._tokens([caption_of(t, int(r)) for t, r in zip(texts, indices)])
         # the bank of negatives for the final pass: a seeded sample of training captions, kept with the protector
         pick = np.sort(np.random.default_rng(self.config.seed).permutation(len(tokens))[: int(self.config.map_negatives)])
         self._runtime["bank_tokens"], self._runtime["bank_rows"] = tokens[pick], torch.from_numpy(pick)
-        if self.config.text_triggers:  # the map finds each fit image's trigger again by its per-sample key
-            raw = dataset.cast_column(columns.image, datasets.Image(decode=False)).select(indices.tolist())
-            self._runtime["fit_keys"] = torch.tensor(
-                [sample_key(NativeImage.from_pil(load_pil(c, row=int(r)), row=int(r)), self.config.seed)
-                 for c, r in zip(raw[columns.image], indices)], dtype=torch.int64)  # fmt: skip
+        if split.keys is not None:
+            self._runtime["fit_keys"] = split.keys
         return split.images, split.grey, tokens
 
     def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
