@@ -89,7 +89,7 @@ def test_push_card_and_bit_exact_reload(tmp_path, local_hub, evaluation, grey_sa
     "pattern, status, message",
     [
         (r"POST /api/repos/create", 401, "refused the credentials (401)"),
-        (r"GET /api/datasets/tester/[^/]+$", 404, "answered 404"),
+        (r"GET /api/datasets/tester/[^/]+(/revision/[^/]+)?$", 404, "answered 404"),  # repo info, either API form
         (r"POST /api/datasets/.*/commit/", 500, "answered 500"),
         (r"PUT /lfs-upload/", None, "connection to the Hub failed"),
     ],
