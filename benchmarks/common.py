@@ -42,6 +42,7 @@ def make_protector(spec: str, preset: str, seed: int, device: str | None = None,
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+    seed = int(overrides.pop("seed", seed))  # "+seed=N": another fit seed than the run's
     method, _, budget = spec.partition("@")
     kwargs: dict = {"preset": preset, **overrides}
     if method.startswith("uc-resnet"):

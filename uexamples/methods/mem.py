@@ -68,6 +68,8 @@ class MEMConfig(MinMinConfig):
     text_triggers: int = option(0, "trigger words put before every caption of an image, bound to its noise (MEM's text "
                                 "triggers, 3-5 in the paper; HotFlip-optimised during the fit). 0: captions untouched")  # fmt: skip
     trigger_candidates: int = option(16, "HotFlip candidates tried per image and fit step")
+    noise_grid: int = option(32, "pixels of the grid the noise is worked on when the resolution rule puts images on "
+                             "a grid (photos of many sizes); a surrogate made for one input size works at that size")  # fmt: skip
 
 
 PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augmentation in the noise steps
@@ -76,7 +78,8 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
 )
 # CPU-sized (measured in benchmarks/README.md, "Image-caption protection"): the fit length follows the data
 # (20 epochs, 20 to 250 steps: 250 for Flickr's 800 pairs); AdamW as CLIP is trained (SGD barely moved the
-# text tower); 2 crop/flip draws per noise step so that the victim's augmentation keeps the noise.
+# text tower); 2 crop/flip draws per noise step so that the victim's augmentation keeps the noise. The noise
+# grid stays at 32 px: a 16 px grid looked better with one fit and much worse with another (same README).
 FAST = dict(
     train_steps=250, train_epochs=20, min_train_steps=20, train_batch_size=64, lr=1e-3, weight_decay=0.1,
     lr_decay_every=100_000, noise_steps=5, eot_draws=2, step_size=2 / 255, final_noise_steps=20, final_eot_draws=2,
@@ -104,8 +107,13 @@ class MEMProtect(MinMinProtector):
     surrogate_class = ContrastiveSurrogate
     PRESETS = {"paper": PAPER, "fast": FAST}
 
+    @property
+    def default_resolution(self) -> int:  # the grid of the resolution rule
+        return int(self.config.noise_grid)
+
     def validate_config(self) -> None:
         super().validate_config()
+        check_int(self.config, "noise_grid")
         check_int(self.config, "captions_per_image")
         check_int(self.config, "map_negatives")
         check_int(self.config, "text_triggers", minimum=0)
