@@ -213,3 +213,11 @@ def test_text_triggers_rewrite_captions_consistently_and_the_card_says_so(tmp_pa
                "images": 16, "source": {"dataset": "x", "split": "train"}}  # fmt: skip
     card = render_card(summary, "me/x", "cc-by-4.0")
     assert "were changed as said below" in card and "2 trigger words" in card and "byte for byte" not in card
+
+
+def test_noise_grid_is_the_grid_of_the_resolution_rule():
+    assert ue.MEMProtect(seed=0).working_resolution() == 32  # both presets: the 32 px grid for photos
+    assert ue.MEMProtect(seed=0, preset="paper").working_resolution() == 32
+    assert ue.MEMProtect(seed=0, noise_grid=16).working_resolution() == 16
+    with pytest.raises(ValueError, match="noise_grid"):
+        ue.MEMProtect(seed=0, noise_grid=0)
