@@ -57,7 +57,6 @@ class ParquetShards:
         self.done: list[Path] = []
         self._writer: pq.ParquetWriter | None = None
         self._bytes = 0
-        self.rows = 0
 
     def _tmp(self) -> Path:
         return self.folder / f".{self.split}-{len(self.done):05d}.parquet.partial"
@@ -68,7 +67,6 @@ class ParquetShards:
             self._writer = pq.ParquetWriter(self._tmp(), self.schema)
         self._writer.write_table(table)  # one row group per batch: memory stays at one batch
         self._bytes += table.nbytes
-        self.rows += table.num_rows
         if self._bytes >= self.max_shard_bytes:
             self._finish_shard()
 
@@ -115,8 +113,8 @@ def protect_stream(protector: Any, stream: datasets.IterableDataset, folder: str
 
     Rows keep their order and every column; the images are stored as the protector stores them (PNG,
     or TIFF for CMYK), with the same bytes as ``protector.apply`` gives for the same rows. Returns
-    ``images``, ``shards`` (paths), ``quality`` (as ``dataset_quality``), ``formats`` and ``preview``
-    (the first rows' original and protected cells, for ``preview.preview_grid``).
+    ``images``, ``shards`` (paths), ``quality`` (as ``dataset_quality``), ``formats``, ``preview`` (the
+    first rows' original and protected cells, for ``preview.save_preview_cells``) and ``features``.
     """
     from .cards import cell_format
 
@@ -152,4 +150,4 @@ def protect_stream(protector: Any, stream: datasets.IterableDataset, folder: str
     finally:
         bar.close()
     return {"images": row, "shards": shards, "quality": meter.result(), "formats": sorted(formats), "preview": preview,
-            "image_column": image, "features": stream.features}  # fmt: skip
+            "features": stream.features}  # fmt: skip

@@ -251,8 +251,7 @@ class MinMinProtector(AdditiveProtector):
         surrogate = self._runtime["surrogate"]
         if cfg.resolution is not None:
             res = self.working_resolution()
-            by = "the preset's" if self.PRESETS.get(cfg.preset, {}).get("resolution") == cfg.resolution else "set explicitly"
-            self._set_rule("resolution", f"{cfg.resolution} ({by})" if res else f"native ({by})")
+            self._set_rule("resolution", f"{cfg.resolution} (set explicitly)" if res else "native (set explicitly)")
             return
         if surrogate.input_size:
             self._set_rule("resolution", f"{surrogate.input_size} px grid (the surrogate's input size)")
