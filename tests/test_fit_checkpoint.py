@@ -45,8 +45,9 @@ def arrays(protector) -> dict[str, np.ndarray]:
     [
         lambda: ue.SEMProtect(seed=3, **STEPS),
         lambda: ue.EMProtect(seed=3, noise_type="class-wise", **STEPS),  # method state: the class noise
+        lambda: ue.SEMProtect(seed=3, persistent_noise=True, **STEPS),  # loop state: every image's noise
     ],
-    ids=["sem", "em-classwise"],
+    ids=["sem", "em-classwise", "sem-persistent"],
 )
 def test_interrupted_fit_resumes_to_the_same_protector(sample, tmp_path, monkeypatch, make):
     reference = make().fit(sample, progress=False)

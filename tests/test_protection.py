@@ -41,6 +41,38 @@ def test_noise_minimises_the_surrogate_loss(small_ds, method):
     assert loss_protected < 0.85 * loss_random, (loss_protected, loss_random)
 
 
+@pytest.mark.unit
+def test_persistent_noise_starts_each_visit_where_the_last_one_ended(small_ds):
+    """With persistent_noise an image's noise phase starts from its noise of the previous visit (the published
+    EM loop's noise[index]); without it, from a fresh uniform draw (no store is kept)."""
+    rows = small_ds.select(range(32))
+    visits = []
+
+    def spy_on(p):
+        original = p._fit_noise
+
+        def spy(model, x, y, idx, rnd, grey):
+            store = p._runtime.get("fit_noise")
+            start = None if store is None else store[idx].clone()
+            out = original(model, x, y, idx, rnd, grey)
+            visits.append((idx.clone(), start, out.detach().clone()))
+            return out
+
+        p._fit_noise = spy
+        return p
+
+    fit = dict(SMALL_FIT, train_steps=3, train_batch_size=32)  # every step visits every image
+    spy_on(ue.SEMProtect(seed=0, persistent_noise=True, **fit)).fit(rows, progress=False)
+    (i0, _, out0), (i1, start1, out1) = visits[:2]
+    first = {int(r): d for r, d in zip(i0, out0)}
+    for r, d in zip(i1, start1):
+        assert torch.equal(d, first[int(r)])  # the second visit starts from the first visit's result
+    assert not torch.equal(out1, start1)  # and moves on from there
+    visits.clear()
+    fresh = spy_on(ue.SEMProtect(seed=0, **fit)).fit(rows, progress=False)
+    assert all(start is None for _, start, _ in visits) and "fit_noise" not in fresh._runtime
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_victim_learns_the_shortcut_not_the_images(sample_ds):

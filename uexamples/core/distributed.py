@@ -68,6 +68,15 @@ class DataParallel:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
         return t
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's ``t`` (same shape on each), concatenated in process order along the first axis:
+        a global batch back from the processes' contiguous rows."""
+        if not self.distributed:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
     def broadcast_buffers(self, model: nn.Module) -> None:
         """Batch-norm running statistics from process 0 to all (only shard 0 updates them)."""
         if self.distributed:

@@ -68,6 +68,8 @@ class MEMConfig(MinMinConfig):
     text_triggers: int = option(0, "trigger words put before every caption of an image, bound to its noise (MEM's text "
                                 "triggers, 3-5 in the paper; HotFlip-optimised during the fit). 0: captions untouched")  # fmt: skip
     trigger_candidates: int = option(16, "HotFlip candidates tried per image and fit step")
+    persistent_noise: bool = option(True, "keep each fit image's noise from one visit to the next (the published MEM "
+                                    "loop's noise[index]); False: a fresh uniform start per fit step")  # fmt: skip
     noise_grid: int = option(32, "pixels of the grid the noise is worked on when the resolution rule puts images on "
                              "a grid (photos of many sizes); a surrogate made for one input size works at that size")  # fmt: skip
 
@@ -290,50 +292,44 @@ class MEMProtect(MinMinProtector):
         return torch.optim.AdamW(model.parameters(), lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
 
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
-        """One noise per training image, kept across the fit (as the published loop keeps ``noise[index]``):
-        a fresh start at every step gives the surrogate no stable pattern to bind each caption to.
-        With text triggers, one trigger per image too (random words to start with)."""
-        eps = float(self.config.epsilon)
-        self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
+        """The engine's persistent noise (MEM's default: the published loop keeps ``noise[index]``; a fresh start
+        at every step gives the surrogate no stable pattern to bind each caption to). With text triggers, one
+        trigger per image too (random words to start with)."""
+        super()._prepare_fit(x_all, y_all, gen)
         if self.config.text_triggers:
             vocab = self._trigger_vocabulary()
             draw = torch.randint(0, len(vocab), (len(x_all), int(self.config.text_triggers)), generator=gen)
             self._runtime["triggers"] = vocab[draw]
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
-        state = {"fit_noise": self._runtime["fit_noise"]}
+        state = super()._fit_state()
         if self.config.text_triggers:
             state["triggers"] = self._runtime["triggers"]
         return state
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
-        self._runtime["fit_noise"] = state["fit_noise"]
+        super()._restore_fit_state(state)
         if "triggers" in state:
             self._runtime["triggers"] = state["triggers"]
 
-    def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
-        cfg = self.config
-        store = self._runtime["fit_noise"]
-        delta = self.project(store[idx].to(x.device), x, grey)
-        if cfg.text_triggers:
-            # MEM's trick: the noise steps see the captions shuffled inside the batch, each row keeping its
-            # own image's trigger, so that the noise binds to the trigger rather than to the caption
-            triggers = self._runtime["triggers"]
-            shuffled = y[rnd.rand(1).view(-1).argsort().to(y.device)]
-            image_emb = model((x + delta).clamp(0, 1)).detach()
-            trig = self._hotflip(image_emb, shuffled, triggers[idx].to(y.device))
-            triggers[idx] = trig.cpu()
-            y = self._with_triggers(shuffled, trig)
-        delta = self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
-        store[idx] = delta.cpu()
-        return delta
+    def noise_targets(self, model, x, y, idx, delta, rnd) -> torch.Tensor:
+        """Without triggers the image's own captions. With them, MEM's trick: the noise steps see the captions
+        shuffled inside the batch, each row keeping its own image's trigger (HotFlip-updated here), so that the
+        noise binds to the trigger rather than to the caption."""
+        if not self.config.text_triggers:
+            return y
+        triggers = self._runtime["triggers"]
+        shuffled = y[rnd.rand(1).view(-1).argsort().to(y.device)]
+        image_emb = model((x + delta).clamp(0, 1)).detach()
+        trig = self._hotflip(image_emb, shuffled, triggers[idx].to(y.device))
+        triggers[idx] = trig.cpu()
+        return self._with_triggers(shuffled, trig)
 
     def model_targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The surrogate trains on each image's own captions, with its trigger when there are triggers."""
         return self._with_triggers(y, self._runtime["triggers"][idx]) if self.config.text_triggers else y
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
-        self._runtime.pop("fit_noise", None)  # the map recomputes each image's noise against the final surrogate
         if self.config.text_triggers:  # the bank's captions carry their images' triggers, as the map's do
             rows = self._runtime["bank_rows"]
             self._runtime["bank_tokens"] = self._with_triggers(self._runtime["bank_tokens"], self._runtime["triggers"][rows])

@@ -13,6 +13,12 @@ Bilevel training of a surrogate ``f`` and noise ``delta`` (``|delta| <= rho_u``)
                                   (EM: plain training on t(x + delta))
     map: the noise phase again, for every image, against the final f (per-image seeded randomness).
 
+With ``persistent_noise`` a fit image's noise phase starts from where its last visit left it (the
+published EM loop keeps ``noise[index]`` for the whole dataset), not from a fresh uniform draw: the
+pattern of each image then builds up over the fit, and a surrogate learns it as a shortcut far sooner
+(RetinaMNIST, sample-wise EM: 0.99 train accuracy on the noisy data after 249 steps, against 0.76 after
+600 with fresh starts; benchmarks/README.md).
+
 The J transformation draws are one batch of J*B images, never a Python loop over images.
 """
 
@@ -68,6 +74,9 @@ class MinMinConfig(AdditiveConfig):
     final_noise_steps: int = option(10, "noise steps of the final pass run by map against the fitted surrogate")
     final_eot_draws: int = option(5, "crop/flip draws per step of the final pass")
     stop_at_train_accuracy: float | None = option(None, "stop the fit once the surrogate's running accuracy on noisy data exceeds this")
+    persistent_noise: bool = option(False, "keep each fit image's noise from one visit to the next (the published EM loop's "
+                                    "noise[index]) instead of a fresh uniform start per fit step; costs images x pixels x "
+                                    "4 bytes of memory during the fit")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -440,6 +449,7 @@ class MinMinProtector(AdditiveProtector):
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
         self._runtime.pop("dp", None)
+        self._runtime.pop("fit_noise", None)  # the map recomputes each image's noise against the final surrogate
         self._finish_fit(model, x_all, y_all, grey_all, gen)
         if ckpt is not None:
             ckpt.remove()
@@ -455,7 +465,11 @@ class MinMinProtector(AdditiveProtector):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
-        """Hook for class-wise noise (allocated once for the whole fit)."""
+        """State allocated once for the whole fit: with ``persistent_noise`` one noise per fit image, uniform
+        in the bound to start with (a subclass adds its own: class-wise noise, text triggers)."""
+        if self.config.persistent_noise:
+            eps = float(self.config.epsilon)
+            self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
@@ -465,17 +479,45 @@ class MinMinProtector(AdditiveProtector):
         return y
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
-        """Hook: the method's own loop state for a fit checkpoint (tensors)."""
-        return {}
+        """Hook: the method's own loop state for a fit checkpoint (tensors); the persistent noise if kept."""
+        store = self._runtime.get("fit_noise")
+        return {"fit_noise": store} if store is not None else {}
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
         """Hook: put back what ``_fit_state`` saved."""
+        if "fit_noise" in state:
+            self._runtime["fit_noise"] = state["fit_noise"]
 
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
-        """The noise of this fit batch (sample-wise: a fresh noise phase from a uniform start)."""
+        """The noise of this fit batch: a noise phase from a uniform start, or with ``persistent_noise`` from
+        each image's noise of its last visit (kept again afterwards)."""
         cfg = self.config
-        delta = self.initial_noise(x, rnd, grey)
-        return self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
+        store = self._runtime.get("fit_noise")
+        if store is None:
+            delta = self.initial_noise(x, rnd, grey)
+        else:
+            delta = self.resume_noise(store[idx].to(x.device), x, grey)
+        y = self.noise_targets(model, x, y, idx, delta, rnd)
+        delta = self.noise_phase(model, x, y, delta, rnd, cfg.noise_steps, cfg.eot_draws, grey)
+        if store is not None:
+            self._keep_noise(store, idx, delta)
+        return delta
+
+    def resume_noise(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
+        """Where a persistent noise phase starts: the image's noise of its last visit, projected."""
+        return self.project(delta, x, grey)
+
+    def noise_targets(self, model, x, y, idx, delta, rnd) -> torch.Tensor:
+        """Hook: the targets the fit's noise phase minimises against (the labels; MEM: shuffled captions)."""
+        return y
+
+    def _keep_noise(self, store: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> None:
+        """Write this step's noise into the persistent store. On several processes each computed its own rows of
+        the global batch: every process gathers all of them, so the store (and the fit) is the same on any number."""
+        dp = self._runtime.get("dp")
+        if dp is not None and dp.distributed:
+            idx, delta = dp.gather(idx.to(delta.device)).cpu(), dp.gather(delta)
+        store[idx] = delta.cpu()
 
     def _model_phase(self, model, train_model, opt, x, y, delta, rnd) -> int:
         """One SGD step of the surrogate on this process's rows; returns how many it classified right.

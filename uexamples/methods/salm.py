@@ -209,6 +209,10 @@ class SALMProtect(MinMinProtector):
         self._runtime["mask"] = None  # the mask of this phase is not chosen yet: noise_phase masks the start
         return super().initial_noise(x, rnd, grey)
 
+    def resume_noise(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
+        self._runtime["mask"] = None  # as initial_noise: noise_phase chooses this phase's mask and masks the start
+        return super().resume_noise(delta, x, grey)
+
     def noise_phase(self, model, x, y, delta, rnd, steps, draws, grey=None) -> torch.Tensor:
         level = float(self.config.frame_level)  # the frame is found on the clean image, once per phase
         self._runtime["background"] = dark_frame(x, level) if level > 0 else None
