@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.batch import ProtectBatch
 from ..core.options import check_int, option
