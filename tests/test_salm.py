@@ -86,10 +86,10 @@ def test_noise_minimises_the_surrogate_loss_better_than_random_noise_on_the_same
     with torch.no_grad():
         loss_protected = F.cross_entropy(model(px), y).item()
         loss_random = F.cross_entropy(model(rand), y).item()
-    # measured ratios 0.65-0.7 (0.85 for saliency-refresh, whose mask moves and drops earlier steps' noise);
-    # random noise on the mask gives about 1, error-maximising noise more
-    limit = 0.92 if protector.config.mask_rule == "saliency-refresh" else 0.8
-    assert loss_protected < limit * loss_random, (loss_protected, loss_random)
+    # random noise on the mask gives about 1, error-maximising noise more. Measured with this 20-step fit: 0.30-0.87
+    # over the rules, fit seeds 0-1 and persistent_noise on/off (AMD EPYC, 2026-12-04); an earlier machine gave
+    # 0.65-0.85: the short fit amplifies the CPU's floating-point differences, hence no tighter limit
+    assert loss_protected < 0.92 * loss_random, (loss_protected, loss_random)
 
 
 def test_same_seed_same_bytes_and_save_load_gives_identical_output(scans, tmp_path):
@@ -106,7 +106,7 @@ def test_same_seed_same_bytes_and_save_load_gives_identical_output(scans, tmp_pa
     loaded = ue.Protector.from_pretrained(tmp_path / "salm")
     again = ds.map(loaded, batched=True, load_from_cache_file=False).cast_column("image", datasets.Image(decode=False))
     assert [r["bytes"] for r in again["image"]] == first
-    assert json.loads((tmp_path / "salm" / "protector_config.json").read_text())["config"]["mask_rule"] == "saliency-refresh"
+    assert json.loads((tmp_path / "salm" / "protector_config.json").read_text())["config"]["mask_rule"] == "intensity"
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "CMYK"])
@@ -174,10 +174,12 @@ def test_the_fundus_frame_is_kept_out_of_real_masks():
     x, y = dataset_to_tensors(retina, 28)
     frame = dark_frame(x, 20 / 255)
     assert frame.any((1, 2)).float().mean() > 0.8  # most fundus images have one
-    protector = ue.SALMProtect(seed=0, frame_level=20 / 255, **TINY_SALM).fit(retina, progress=False)
+    # the saliency masks reach into the frame (the intensity masks of the presets, the brightest pixels, do not)
+    salient = dict(TINY_SALM, mask_rule="saliency-refresh", persistent_noise=False)
+    protector = ue.SALMProtect(seed=0, frame_level=20 / 255, **salient).fit(retina, progress=False)
     masks = torch.from_numpy(np.stack(protector.masks(retina)))
     assert not (masks & frame).any()  # the frame leaves more than the mask's 20 % inside
-    plain = ue.SALMProtect(seed=0, **TINY_SALM).fit(retina, progress=False)  # the default: no frame rule
+    plain = ue.SALMProtect(seed=0, **salient).fit(retina, progress=False)  # no frame rule
     on_frame = (torch.from_numpy(np.stack(plain.masks(retina))) & frame).sum() / masks.sum()
     assert on_frame > 0.2  # without the rule, the saliency masks do reach into the frame
 

@@ -119,6 +119,7 @@ class FitState:
     pos: int = 0
     step: int = 0  # steps done
     acc_ema: float | None = None
+    acc_curve: list = dataclasses.field(default_factory=list)  # acc_ema every 10 steps: did the noise become a shortcut?
     passes: int = 0
     method_state: dict = dataclasses.field(default_factory=dict)
 
@@ -127,6 +128,7 @@ class FitState:
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "order": self.order, "pos": self.pos, "acc_ema": self.acc_ema,
+            "acc_curve": list(self.acc_curve),
             "passes": self.passes, "method_state": self.method_state,
         }  # fmt: skip
 
@@ -137,6 +139,7 @@ class FitState:
         self.generator.set_state(saved["generator"])
         torch.set_rng_state(saved["torch_rng"])
         self.order, self.pos, self.acc_ema = saved["order"], int(saved["pos"]), saved["acc_ema"]
+        self.acc_curve = list(saved.get("acc_curve", []))
         self.step, self.passes, self.method_state = int(saved["step"]), int(saved["passes"]), saved["method_state"]
 
 
@@ -439,13 +442,15 @@ class MinMinProtector(AdditiveProtector):
             state.step = step + 1
             if step % 10 == 0:
                 bar.set_postfix(train_acc=f"{state.acc_ema:.3f}")
+                state.acc_curve.append(round(state.acc_ema, 4))
             if cfg.stop_at_train_accuracy is not None and step >= 20 and state.acc_ema >= cfg.stop_at_train_accuracy:
                 break
             if ckpt is not None and ckpt.due(state.step, total):
                 state.passes, state.method_state = self.passes, self._fit_state()
                 ckpt.save(state.state_dict())
         bar.close()
-        self.fit_stats = {"steps": state.step, "planned_steps": total, "train_accuracy": state.acc_ema, "seconds": time.time() - started,
+        self.fit_stats = {"steps": state.step, "planned_steps": total, "train_accuracy": state.acc_ema,
+                          "train_accuracy_every_10_steps": state.acc_curve, "seconds": time.time() - started,
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
         self._runtime.pop("dp", None)
