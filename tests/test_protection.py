@@ -42,7 +42,8 @@ def test_noise_minimises_the_surrogate_loss(small_ds, method):
 
 
 @pytest.mark.unit
-def test_persistent_noise_starts_each_visit_where_the_last_one_ended(small_ds):
+@pytest.mark.parametrize("method", ["sem", "em", "salm"])
+def test_persistent_noise_starts_each_visit_where_the_last_one_ended(small_ds, method):
     """With persistent_noise an image's noise phase starts from its noise of the previous visit (the published
     EM loop's noise[index]); without it, from a fresh uniform draw (no store is kept)."""
     rows = small_ds.select(range(32))
@@ -62,15 +63,19 @@ def test_persistent_noise_starts_each_visit_where_the_last_one_ended(small_ds):
         return p
 
     fit = dict(SMALL_FIT, train_steps=3, train_batch_size=32)  # every step visits every image
-    spy_on(ue.SEMProtect(seed=0, persistent_noise=True, **fit)).fit(rows, progress=False)
+    make = ue.get_method(method)
+    spy_on(make(seed=0, persistent_noise=True, **fit)).fit(rows, progress=False)
     (i0, _, out0), (i1, start1, out1) = visits[:2]
     first = {int(r): d for r, d in zip(i0, out0)}
     for r, d in zip(i1, start1):
         assert torch.equal(d, first[int(r)])  # the second visit starts from the first visit's result
     assert not torch.equal(out1, start1)  # and moves on from there
     visits.clear()
-    fresh = spy_on(ue.SEMProtect(seed=0, **fit)).fit(rows, progress=False)
+    fresh = spy_on(make(seed=0, persistent_noise=False, **fit)).fit(rows, progress=False)
     assert all(start is None for _, start, _ in visits) and "fit_noise" not in fresh._runtime
+    if method == "em":  # class-wise noise is one persistent noise per class already
+        with pytest.raises(ValueError, match="class-wise"):
+            ue.EMProtect(noise_type="class-wise", persistent_noise=True)
 
 
 @pytest.mark.slow

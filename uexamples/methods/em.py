@@ -71,6 +71,8 @@ class EMProtect(MinMinProtector):
         super().validate_config()
         if self.config.noise_type not in NOISE_TYPES:
             raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.config.noise_type!r}")
+        if self.class_wise and self.config.persistent_noise:
+            raise ValueError("persistent_noise is for sample-wise noise: class-wise noise is kept through the fit already")
 
     @property
     def class_wise(self) -> bool:
@@ -78,15 +80,18 @@ class EMProtect(MinMinProtector):
 
     # class-wise: one noise per class, persistent across the fit
     def _prepare_fit(self, x_all, y_all, gen) -> None:
+        super()._prepare_fit(x_all, y_all, gen)  # the engine's persistent sample-wise noise, if asked for
         if self.class_wise:
             eps = float(self.config.epsilon)
             shape = (self.num_classes, *x_all.shape[1:])
             self._runtime["class_noise"] = ((torch.rand(shape, generator=gen) * 2 - 1) * eps).to(self.device)
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
-        return {"class_noise": self._runtime["class_noise"].cpu()} if self.class_wise else {}
+        state = super()._fit_state()
+        return {**state, "class_noise": self._runtime["class_noise"].cpu()} if self.class_wise else state
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
+        super()._restore_fit_state(state)
         if self.class_wise:
             self._runtime["class_noise"] = state["class_noise"].to(self.device)
 
