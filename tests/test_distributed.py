@@ -74,6 +74,20 @@ def test_two_processes_give_the_same_dataset(one_process, tmp_path):
     assert "nothing to generate" in again.stdout and np.array_equal(pixels(out)[0], b)
 
 
+def test_persistent_noise_is_the_same_on_two_processes(tmp_path):
+    """Each process computes its rows of a global fit batch; with persistent_noise every process must keep every
+    row's noise (gathered), or the next visit of a row another process computed starts elsewhere."""
+    args = [SCRIPT, "--method", "sem", "--train-steps", "12", "--persistent-noise", "--quiet"]  # 500 rows: 3 epochs
+    run([sys.executable, *args, "--output", str(tmp_path / "one")], script_env(tmp_path))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), *args, "--output", str(tmp_path / "two")]  # fmt: skip
+    run(cmd, script_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    a, _ = pixels(tmp_path / "one")
+    b, _ = pixels(tmp_path / "two")
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
 def pixels_source() -> np.ndarray:
     import uexamples as ue
 

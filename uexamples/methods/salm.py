@@ -36,11 +36,11 @@ than the images' size the noise is resized, and spreads beyond the mask.
 The presets use the ``intensity`` mask with the engine's ``persistent_noise`` (each scan's noise kept
 from one fit visit to the next). A first ablation on BreastMNIST, with fresh noise at every visit,
 favoured the refreshed saliency mask; on RetinaMNIST that fit never made the noise a shortcut (the
-surrogate's accuracy on the noisy scans stayed at 0.65-0.77 over 250-1000 steps) and the victim kept
-29.7 % balanced accuracy. Kept noise needs a mask that stays put: with the intensity mask (the same
-pixels at every visit and at map time) the surrogate reached 0.93-0.99 and the victims fell to chance
-on both sets; with saliency masks, which move between visits, kept noise changed nothing
-(benchmarks/README.md, "Medical images: SALM").
+surrogate's accuracy on the noisy scans stayed at 0.62-0.77 over 250-1000 steps) and the victim kept
+29.7 % balanced accuracy (chance 20). Kept noise needs a mask that stays put: with the intensity mask
+(the same pixels at every visit and at map time) the surrogate reached 0.89-0.99 and the victims fell
+to 22-24 % on RetinaMNIST and 53-55 % on BreastMNIST (chance 50); with saliency masks, which move between
+visits, kept noise did not help (0.68-0.78). benchmarks/README.md, "Medical images: SALM".
 
 >>> import uexamples as ue
 >>> ds = ue.load_sample_dataset().select(range(64))
