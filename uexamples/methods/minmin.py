@@ -16,8 +16,9 @@ Bilevel training of a surrogate ``f`` and noise ``delta`` (``|delta| <= rho_u``)
 With ``persistent_noise`` a fit image's noise phase starts from where its last visit left it (the
 published EM loop keeps ``noise[index]`` for the whole dataset), not from a fresh uniform draw: the
 pattern of each image then builds up over the fit, and a surrogate learns it as a shortcut far sooner
-(RetinaMNIST, sample-wise EM: 0.99 train accuracy on the noisy data after 249 steps, against 0.76 after
-600 with fresh starts; benchmarks/README.md).
+(RetinaMNIST, SEM fast: 0.96 accuracy on the noisy fit data after 254 steps, against 0.76 with fresh
+starts; benchmarks/README.md, fit_diagnosis.py). Off by default for EM/REM/SEM (their presets were
+measured without it); on in SALM's and MEM's presets.
 
 The J transformation draws are one batch of J*B images, never a Python loop over images.
 """
