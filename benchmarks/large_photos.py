@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from common import RESULTS, benchmark_parser, dispatch, machine_info
 
