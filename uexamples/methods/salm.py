@@ -5,7 +5,7 @@ the min-min engine of EM and restricts the noise, per image, to a mask of the ``
 significant pixels; every pixel outside the mask is stored bit-identical to the original (at the
 default native resolution), so the clinical content outside the mask is untouched. The engine is not
 copied: SALM overrides its ``project`` hook (noise times the mask after the L-inf clamp), its
-``noise_phase`` (the mask is chosen when the phase starts) and, for the refreshed rule, its
+``noise_phase`` (the mask is chosen when the phase starts and dropped when it ends) and, for the refreshed rule, its
 ``noise_step``.
 
 The paper publishes no code and leaves the mask rule open. Rules (``mask_rule``):
@@ -215,21 +215,17 @@ class SALMProtect(MinMinProtector):
         return top_pixels(scores, count)
 
     # ------------------------------------------------------------------ engine hooks
-    def initial_noise(self, x: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
-        self._runtime["mask"] = None  # the mask of this phase is not chosen yet: noise_phase masks the start
-        return super().initial_noise(x, rnd, grey)
-
-    def resume_noise(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
-        self._runtime["mask"] = None  # as initial_noise: noise_phase chooses this phase's mask and masks the start
-        return super().resume_noise(delta, x, grey)
-
     def noise_phase(self, model, x, y, delta, rnd, steps, draws, grey=None) -> torch.Tensor:
+        # the mask lives only inside a phase, so the engine's start (initial_noise, resume_noise) is projected
+        # without one; the phase chooses its mask and masks the start here
         level = float(self.config.frame_level)  # the frame is found on the clean image, once per phase
         self._runtime["background"] = dark_frame(x, level) if level > 0 else None
         self._runtime["mask"] = self.choose_mask(model, x, y)
-        delta = self.project(delta, x, grey)
-        delta = super().noise_phase(model, x, y, delta, rnd, steps, draws, grey)
-        self._runtime["last_mask"] = self._runtime.pop("mask")
+        try:
+            delta = self.project(delta, x, grey)
+            delta = super().noise_phase(model, x, y, delta, rnd, steps, draws, grey)
+        finally:
+            self._runtime["last_mask"] = self._runtime.pop("mask")
         return delta
 
     def noise_step(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
