@@ -4,6 +4,9 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
 
 - ``@L``: grayscale (mode L), as many user datasets are;
 - ``@28``, ``@64`` ...: every image resized (bicubic) to that many pixels a side;
+- ``@RGBA``: an alpha channel added (fully opaque), as PNG exports often carry one;
+- ``@I16``: 16-bit grey (mode I;16), as scientific and medical scans are stored;
+- ``@c5``: only the rows of the first 5 classes (another class count; labels unchanged);
 - ``@shuffle``: both splits in a seeded random order (seed 0), before ``@n``/``@t`` on a split stored
   sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
@@ -17,7 +20,7 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
 
 For each variant: a clean victim and, per method, fit + map of the train split (timed, with the fit
 steps taken) and a victim trained on the protected split, both scored on the clean test split (final
-and best accuracy). Victims: ``--victims`` (default ``convnet``), seed 0; small train splits get more
+and best accuracy). Victims: ``--victims`` (default ``convnet,resnet20``), seed 0; small train splits get more
 epochs so that every victim takes about as many SGD steps as one on 8,000 images (at most 100 epochs).
 Method names as ``common.make_protector`` reads them (``sem+train_epochs=null`` is SEM with a fixed
 fit length). Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged
@@ -50,6 +53,13 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         elif step[0] in "nt" and step[1:].isdigit():
             if split == {"n": "train", "t": "test"}[step[0]]:
                 ds = ds.select(range(min(int(step[1:]), len(ds))))
+        elif step[0] == "c" and step[1:].isdigit():
+            k = int(step[1:])
+            ds = ds.filter(lambda b: [y < k for y in b["label"]], batched=True, desc=f"{spec}: {k} classes")
+        elif step == "RGBA":
+            ds = ds.map(lambda b: {"image": [im.convert("RGBA") for im in b["image"]]}, batched=True, desc=f"{spec}: RGBA")
+        elif step == "I16":
+            ds = ds.map(lambda b: {"image": [grey16(im) for im in b["image"]]}, batched=True, desc=f"{spec}: 16-bit grey")
         elif step == "shuffle":
             ds = ds.shuffle(seed=0).flatten_indices()
         elif step == "dark":
@@ -59,8 +69,15 @@ def derive(spec: str, split: str) -> datasets.Dataset:
             ds = ds.map(lambda b: {"image": [im.resize((size, size), Image.BICUBIC) for im in b["image"]]},
                         batched=True, desc=f"{spec}: {size} px")  # fmt: skip
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, dark, shuffle, a size in px, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, RGBA, I16, dark, shuffle, a size in px, cK, nN or tN)")
     return ds
+
+
+def grey16(image: Image.Image) -> Image.Image:
+    """``image`` as 16-bit grey (mode I;16, values 0-65535, as scientific and medical scans are stored): the
+    8-bit grey value v becomes 257 * v, so 0 and 255 map to the ends of the 16-bit range."""
+    a = np.asarray(image.convert("L")).astype(np.uint16) * 257
+    return Image.fromarray(a)  # uint16 gives mode I;16
 
 
 def black_background(image: Image.Image) -> Image.Image:

@@ -17,8 +17,10 @@ With ``persistent_noise`` a fit image's noise phase starts from where its last v
 published EM loop keeps ``noise[index]`` for the whole dataset), not from a fresh uniform draw: the
 pattern of each image then builds up over the fit, and a surrogate learns it as a shortcut far sooner
 (RetinaMNIST, SEM fast: 0.96 accuracy on the noisy fit data after 254 steps, against 0.76 with fresh
-starts; benchmarks/README.md, fit_diagnosis.py). Off by default for EM/REM/SEM (their presets were
-measured without it); on in SALM's and MEM's presets.
+starts; benchmarks/README.md, fit_diagnosis.py). Off in the config's default and in the ``paper``
+presets of EM/REM/SEM (their published batch loops start from a uniform draw); on in SEM's ``fast``
+preset and in SALM's and MEM's presets, where it was measured to help. EM/REM ``fast`` keep the
+settings they were measured with.
 
 The J transformation draws are one batch of J*B images, never a Python loop over images.
 """
