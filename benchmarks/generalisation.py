@@ -48,29 +48,28 @@ def derive(spec: str, split: str) -> datasets.Dataset:
     base, *steps = spec.split("@")
     ds = datasets.load_dataset(str(SHARED_DATASETS / base), split=split)
     for step in steps:
-        if step == "L":
-            ds = ds.map(lambda b: {"image": [im.convert("L") for im in b["image"]]}, batched=True, desc=f"{spec}: grey")
+        if step in PER_IMAGE:
+            transform, what = PER_IMAGE[step]
+            ds = each_image(ds, transform, f"{spec}: {what}")
+        elif step.isdigit():
+            size = int(step)
+            ds = each_image(ds, lambda im: im.resize((size, size), Image.BICUBIC), f"{spec}: {size} px")
         elif step[0] in "nt" and step[1:].isdigit():
             if split == {"n": "train", "t": "test"}[step[0]]:
                 ds = ds.select(range(min(int(step[1:]), len(ds))))
         elif step[0] == "c" and step[1:].isdigit():
             k = int(step[1:])
             ds = ds.filter(lambda b: [y < k for y in b["label"]], batched=True, desc=f"{spec}: {k} classes")
-        elif step == "RGBA":
-            ds = ds.map(lambda b: {"image": [im.convert("RGBA") for im in b["image"]]}, batched=True, desc=f"{spec}: RGBA")
-        elif step == "I16":
-            ds = ds.map(lambda b: {"image": [grey16(im) for im in b["image"]]}, batched=True, desc=f"{spec}: 16-bit grey")
         elif step == "shuffle":
             ds = ds.shuffle(seed=0).flatten_indices()
-        elif step == "dark":
-            ds = ds.map(lambda b: {"image": [black_background(im) for im in b["image"]]}, batched=True, desc=f"{spec}: dark")
-        elif step.isdigit():
-            size = int(step)
-            ds = ds.map(lambda b: {"image": [im.resize((size, size), Image.BICUBIC) for im in b["image"]]},
-                        batched=True, desc=f"{spec}: {size} px")  # fmt: skip
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} (L, RGBA, I16, dark, shuffle, a size in px, cK, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, a size in px, cK, nN or tN)")
     return ds
+
+
+def each_image(ds: datasets.Dataset, transform, desc: str) -> datasets.Dataset:
+    """``ds`` with ``transform`` applied to every image."""
+    return ds.map(lambda b: {"image": [transform(im) for im in b["image"]]}, batched=True, desc=desc)
 
 
 def grey16(image: Image.Image) -> Image.Image:
@@ -87,6 +86,15 @@ def black_background(image: Image.Image) -> Image.Image:
     inside = (xx + 0.5 - w / 2) ** 2 + (yy + 0.5 - h / 2) ** 2 <= (0.4 * min(w, h)) ** 2
     a = np.asarray(image)
     return Image.fromarray(np.where(inside.reshape(h, w, *[1] * (a.ndim - 2)), a, 0).astype(a.dtype), mode=image.mode)
+
+
+# variant steps that change every image alone: name -> (transform, what the progress bar says)
+PER_IMAGE = {
+    "L": (lambda im: im.convert("L"), "grey"),
+    "RGBA": (lambda im: im.convert("RGBA"), "RGBA"),
+    "I16": (grey16, "16-bit grey"),
+    "dark": (black_background, "dark"),
+}
 
 
 def victim_epochs(base_epochs: int, images: int) -> int:
