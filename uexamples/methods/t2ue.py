@@ -129,7 +129,7 @@ PAPER = dict(epochs=300, train_batch_size=128, lr=1e-4, generator_width=64, surr
 # than the paper's. Since 2026-12-05 the noise grid is a rule, not 8 px: the working resolution, at most 32 px
 # (Flickr's 64 px grid: 32; CIFAR-10: its own 32 px). With class-name captions on CIFAR-10 the 8 px grid left
 # the victim at 47.9 % (clean 74.3), 32 px at 25.4 %; on Flickr the two were even on one victim (relative
-# R@10 0.45 / 0.74 against 0.50 / 0.62); benchmarks/README.md, "T2UE".
+# R@10 32 px 0.45 / 0.74, 8 px 0.50 / 0.62); benchmarks/README.md, "T2UE".
 FAST = dict(epochs=30, train_batch_size=64, lr=1e-3, generator_width=8, surrogate_epochs=20, max_steps=600,
             objective="joint", learner_init="scratch", noise_grid=None, noise_grid_cap=32)  # fmt: skip
 
