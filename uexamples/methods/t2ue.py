@@ -25,8 +25,8 @@ Fit (``fit`` on image-caption pairs):
      (benchmarks/README.md, "T2UE"): the paper's frozen objective, with the small offline surrogate in place
      of a public CLIP, left that victim near its clean recall; the joint learner from scratch is what
      brought it down. The noise is generated at the working resolution, at most 32 px a side
-     (``noise_grid_cap``; resized to the working grid): an 8 px grid did as well on Flickr but left a
-     CIFAR-10 classifier at 47.9 % where 32 px gave 25.4 %. The conditions ``emb_t`` always come from the frozen surrogate's text tower,
+     (``noise_grid_cap``; resized to the working grid): an 8 px grid did a little better on Flickr but
+     left a CIFAR-10 classifier at 47.9 % where 32 px gave 25.4 %. The conditions ``emb_t`` always come from the frozen surrogate's text tower,
      which is what the saved protector keeps.
 
 Generator (SSA-GAN shaped, as the paper adapts it): ``z`` (``noise_dim``) through a fully connected layer to
@@ -128,8 +128,8 @@ PAPER = dict(epochs=300, train_batch_size=128, lr=1e-4, generator_width=64, surr
 # target). A larger step, 30 epochs and at most 600 steps (800 Flickr pairs: 360), a generator 8x narrower
 # than the paper's. Since 2026-12-05 the noise grid is a rule, not 8 px: the working resolution, at most 32 px
 # (Flickr's 64 px grid: 32; CIFAR-10: its own 32 px). With class-name captions on CIFAR-10 the 8 px grid left
-# the victim at 47.9 % (clean 74.3), 32 px at 25.4 %; on Flickr the two were even on one victim (relative
-# R@10 32 px 0.45 / 0.74, 8 px 0.50 / 0.62); benchmarks/README.md, "T2UE".
+# the victim at 47.9 % (clean 74.3), 32 px at 25.4 %; on Flickr 32 px is somewhat weaker (relative R@10 over
+# two fits of three victims 0.68 / 0.90 against one fit's 0.61 / 0.79 at 8 px; benchmarks/README.md, "T2UE").
 FAST = dict(epochs=30, train_batch_size=64, lr=1e-3, generator_width=8, surrogate_epochs=20, max_steps=600,
             objective="joint", learner_init="scratch", noise_grid=None, noise_grid_cap=32)  # fmt: skip
 
