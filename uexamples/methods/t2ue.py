@@ -26,8 +26,8 @@ Fit (``fit`` on image-caption pairs):
      of a public CLIP, left that victim near its clean recall; the joint learner from scratch is what
      brought it down. The noise is generated at the working resolution, at most 32 px a side
      (``noise_grid_cap``; resized to the working grid): an 8 px grid did a little better on Flickr but
-     left a CIFAR-10 classifier at 47.9 % where 32 px gave 25.4 %. The conditions ``emb_t`` always come from the frozen surrogate's text tower,
-     which is what the saved protector keeps.
+     left a CIFAR-10 classifier at 47.9 % where 32 px gave 25.4 %. The conditions ``emb_t`` always come
+     from the frozen surrogate's text tower, which is what the saved protector keeps.
 
 Generator (SSA-GAN shaped, as the paper adapts it): ``z`` (``noise_dim``) through a fully connected layer to
 4 x 4 x (8 x ``generator_width``) channels, then one up-sampling residual block per doubling to the noise
