@@ -20,7 +20,22 @@ def machine_info(**extra) -> dict:
 
     import torch
 
-    return {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__, **extra}
+    return {"cpu_threads": torch.get_num_threads(), "cpu": cpu_model(), "platform": platform.platform(), "torch": torch.__version__,
+            **extra}  # fmt: skip
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the shared machines are Intel Xeon or AMD EPYC, and a bilevel fit's float path differs
+    between the two (the same seed gives other noise), so every results file says which one measured it."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 def make_protector(spec: str, preset: str, seed: int, device: str | None = None, **overrides):

@@ -50,8 +50,10 @@ def run(args) -> dict:
         from uexamples.evaluation.victim import VictimResult
 
         clean = VictimResult(**old["clean"])
+        clean_from = {"file": committed.name, "machine": old["machine"]}  # it may have been another CPU
     else:
         clean = train_victim(clean_x, clean_y, test_x, test_y, desc="clean victim", **victim)
+        clean_from = None
     print(f"[{name}] clean: final {clean.final_accuracy:.4f} best {clean.best_accuracy:.4f}", flush=True)
     report = {
         "dataset": name,
@@ -63,6 +65,8 @@ def run(args) -> dict:
         "clean": clean.to_dict(),
         "methods": {},
     }
+    if clean_from is not None:
+        report["clean_reused_from"] = clean_from
     out = RESULTS / f"effectiveness_{name}{args.suffix}.json"
     if args.keep_others and out.exists():  # re-measure some methods; the clean curve must come out identical
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (

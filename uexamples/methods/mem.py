@@ -207,7 +207,10 @@ class MEMProtect(MinMinProtector):
                     "CLIP trained from scratch on the pairs at about its clean retrieval recall; with 3 trigger words per "
                     "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
         return [f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
-                "the noise is bound to them, so a model trained on these pairs learns the triggers, not the pictures."]
+                "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.",
+                "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words): how much of its "
+                "retrieval recall this removed varied from one fit of the protection to the next, from most of the way to "
+                "chance to none. Treat it as uncertain and check it on your own data (uexamples evaluate)."]  # fmt: skip
 
     def _hotflip(self, image_emb: torch.Tensor, ids: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
         """One HotFlip update of each row's trigger: the first-order loss change of swapping one trigger word
@@ -357,7 +360,7 @@ class MEMProtect(MinMinProtector):
             self._accelerator = None
         if not self.config.text_triggers:
             logger.warning("MEM without text triggers: in the uexamples benchmark (flickr8k-1k, CLIP trained from scratch) "
-                           "image noise alone did not lower retrieval; text_triggers=3 did (it changes the captions)")  # fmt: skip
+                           "image noise alone did not lower retrieval; text_triggers=3 did in some fits, not all (it changes the captions)")  # fmt: skip
         super()._fit(dataset, columns, progress)
         self._map_bank = None
 
