@@ -234,3 +234,23 @@ def test_fast_steps_follow_the_data_up_to_a_cap(pairs):
     assert under.fit_stats["steps"] == 6 and under.rules["steps"] == "6 generator steps (3 epochs of 2)"
     capped = ue.T2UEProtect(max_steps=4, **quick).fit(pairs, progress=False)
     assert capped.fit_stats["steps"] == 4 and capped.rules["steps"] == "4 generator steps (max_steps; 3 epochs would be 6)"
+
+
+def test_without_z_the_caption_start_tells_captions_apart_from_the_first_step(tmp_path, pairs):
+    """Without z the generator's text modulation starts at zero, so a short fit gives every caption nearly the
+    same noise; ``caption_start`` computes the 4x4 input from the caption instead. Catches the option ignored
+    (a constant start), lost on save/load, or accepted beside a z."""
+    quick = dict(seed=0, noise_dim=0, surrogate_epochs=1, epochs=1, train_batch_size=8, generator_width=4, resolution=16)
+
+    def spread(p):
+        noise = np.stack([p.noise_for_texts([c], size=(16, 16))[0] for c in pairs["caption"][:6]])
+        return np.abs(noise[:, None] - noise[None, :]).max(axis=(2, 3, 4))[~np.eye(6, dtype=bool)].min()
+
+    constant = ue.T2UEProtect(**quick).fit(pairs, progress=False)
+    started = ue.T2UEProtect(caption_start=True, **quick).fit(pairs, progress=False)
+    assert spread(started) > 5 * spread(constant)  # measured: 0.095 / 255 against 0.004 / 255 (all noise is small so early)
+    started.save_pretrained(tmp_path / "p")
+    again = ue.Protector.from_pretrained(tmp_path / "p")
+    assert np.array_equal(again.noise_for_texts(["a red ball"], size=(16, 16)), started.noise_for_texts(["a red ball"], size=(16, 16)))
+    with pytest.raises(ValueError, match="noise_dim=0"):
+        ue.T2UEProtect(caption_start=True)

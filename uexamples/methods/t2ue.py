@@ -105,6 +105,9 @@ class T2UEConfig(AdditiveConfig):
     lr: float = option(1e-3, "Adam learning rate of the generator (cosine-annealed to 0)")
     noise_dim: int = option(100, "dimension of the generator's random input z (0: none, the caption alone)")
     generator_width: int = option(32, "base channels of the generator (8x this at 4x4, halving per doubling)")
+    caption_start: bool = option(False, "with noise_dim=0: the generator's 4x4 input is a linear map of the caption "
+                                 "embedding instead of a learned constant, so that captions get different noise "
+                                 "from the first step (the text modulation starts at zero)")  # fmt: skip
     objective: str = option("frozen", "what the generator's noise is trained against: the frozen surrogate (the paper), "
                             "or joint: a copy of it that keeps training on the protected pairs at every generator step "
                             "(both minimise the same loss, as min-min error-minimising noise trains its surrogate)",
@@ -175,25 +178,34 @@ class UpBlock(nn.Module):
 class TextNoiseGenerator(nn.Module):
     """``G(emb_t, z)`` -> noise (B, 3, size, size) in [-epsilon, epsilon]; ``size`` = 4 * 2**k."""
 
-    def __init__(self, text_dim: int, size: int, epsilon: float, noise_dim: int = 100, width: int = 32) -> None:
+    def __init__(self, text_dim: int, size: int, epsilon: float, noise_dim: int = 100, width: int = 32,
+                 caption_start: bool = False) -> None:  # fmt: skip
         super().__init__()
         blocks = int(round(math.log2(size / 4)))
         if size < 8 or 4 * 2**blocks != size:
             raise ValueError(f"the generator's size must be 4 * 2**k >= 8, got {size}")
+        self.caption_start = bool(caption_start) and not noise_dim
         self.hparams = dict(text_dim=text_dim, size=size, epsilon=epsilon, noise_dim=noise_dim, width=width)
+        if self.caption_start:  # only then, so that protectors saved before the option load as they were
+            self.hparams["caption_start"] = True
         self.epsilon, self.noise_dim = float(epsilon), int(noise_dim)
         channels = [width * min(8, 2 ** (blocks - i)) for i in range(blocks + 1)]  # 4x4 first, halving towards the output
         self.top = channels[0]
         if noise_dim:
             self.fc = nn.Linear(noise_dim, 16 * self.top)
-        else:  # no z: a learned 4x4 start, the caption alone decides
+        elif self.caption_start:  # no z: the 4x4 start computed from the caption (differs per caption at once)
+            self.fc = nn.Linear(text_dim, 16 * self.top)
+        else:  # no z: a learned 4x4 start, the caption alone decides through the modulation
             self.start = nn.Parameter(torch.randn(1, self.top, 4, 4))
         self.blocks = nn.ModuleList(UpBlock(channels[i], channels[i + 1], text_dim) for i in range(blocks))
         self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(), nn.Conv2d(channels[-1], 3, 3, padding=1))
         self.to(memory_format=torch.channels_last)  # oneDNN's narrow convolutions: 1.7x faster on CPU (measured)
 
     def forward(self, text: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        h = self.fc(z).view(-1, self.top, 4, 4) if self.noise_dim else self.start.expand(len(text), -1, -1, -1)
+        if self.noise_dim or self.caption_start:
+            h = self.fc(z if self.noise_dim else text).view(-1, self.top, 4, 4)
+        else:
+            h = self.start.expand(len(text), -1, -1, -1)
         for block in self.blocks:
             h = block(h, text)
         return self.epsilon * torch.tanh(self.out(h))
@@ -295,6 +307,8 @@ class T2UEProtect(AdditiveProtector):
         for name in ("captions_per_image", "train_batch_size", "generator_width", "native_up_to"):
             check_int(cfg, name)
         check_int(cfg, "noise_dim", minimum=0)
+        if cfg.caption_start and cfg.noise_dim:
+            raise ValueError("caption_start computes the generator's input from the caption in place of z: it needs noise_dim=0")
         if cfg.max_steps is not None:
             check_int(cfg, "max_steps")
         if not float(cfg.lr) > 0:
@@ -395,7 +409,7 @@ class T2UEProtect(AdditiveProtector):
         _, caption_ids = np.unique([json.dumps(c) for c in captions], return_inverse=True)
         caption_ids = torch.from_numpy(caption_ids.reshape(-1))
         g = TextNoiseGenerator(text.shape[1], generator_size(self._noise_grid(res)), float(cfg.epsilon), int(cfg.noise_dim),
-                               int(cfg.generator_width)).to(dev)  # fmt: skip
+                               int(cfg.generator_width), bool(cfg.caption_start)).to(dev)  # fmt: skip
         n = len(x)
         bs, steps_per_epoch, total = step_plan(n, int(cfg.train_batch_size), int(cfg.epochs), cfg.max_steps)
         if total < int(cfg.epochs) * steps_per_epoch:
@@ -545,7 +559,8 @@ class T2UEProtect(AdditiveProtector):
         surrogate.model.load_state_dict(mine, strict=False)  # the text tower; the image tower is not needed to map
         surrogate.to(dev).model.eval().requires_grad_(False)
         hp = dict(meta["generator"])
-        g = TextNoiseGenerator(hp["text_dim"], hp["size"], hp["epsilon"], hp["noise_dim"], hp["width"])
+        g = TextNoiseGenerator(hp["text_dim"], hp["size"], hp["epsilon"], hp["noise_dim"], hp["width"],
+                               hp.get("caption_start", False))  # fmt: skip
         load_state_arrays(g, arrays, GENERATOR_PREFIX)
         if abs(float(hp["epsilon"]) - float(self.config.epsilon)) > 1e-9:
             raise ValueError("saved T2UE generator was trained for another epsilon than its config: the protector is damaged")
