@@ -186,8 +186,9 @@ class TextNoiseGenerator(nn.Module):
         if size < 8 or 4 * 2**blocks != size:
             raise ValueError(f"the generator's size must be 4 * 2**k >= 8, got {size}")
         self.caption_start = bool(caption_start) and not noise_dim
+        # the constructor's arguments, saved with the protector and passed back on load
         self.hparams = dict(text_dim=text_dim, size=size, epsilon=epsilon, noise_dim=noise_dim, width=width)
-        if self.caption_start:  # only then, so that protectors saved before the option load as they were
+        if self.caption_start:  # only then, so that protectors saved before the option keep their bytes
             self.hparams["caption_start"] = True
         self.epsilon, self.noise_dim = float(epsilon), int(noise_dim)
         channels = [width * min(8, 2 ** (blocks - i)) for i in range(blocks + 1)]  # 4x4 first, halving towards the output
@@ -560,8 +561,7 @@ class T2UEProtect(AdditiveProtector):
         surrogate.model.load_state_dict(mine, strict=False)  # the text tower; the image tower is not needed to map
         surrogate.to(dev).model.eval().requires_grad_(False)
         hp = dict(meta["generator"])
-        g = TextNoiseGenerator(hp["text_dim"], hp["size"], hp["epsilon"], hp["noise_dim"], hp["width"],
-                               hp.get("caption_start", False))  # fmt: skip
+        g = TextNoiseGenerator(**hp)  # its hparams are its constructor's arguments
         load_state_arrays(g, arrays, GENERATOR_PREFIX)
         if abs(float(hp["epsilon"]) - float(self.config.epsilon)) > 1e-9:
             raise ValueError("saved T2UE generator was trained for another epsilon than its config: the protector is damaged")
