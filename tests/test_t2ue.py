@@ -254,3 +254,18 @@ def test_without_z_the_caption_start_tells_captions_apart_from_the_first_step(tm
     assert np.array_equal(again.noise_for_texts(["a red ball"], size=(16, 16)), started.noise_for_texts(["a red ball"], size=(16, 16)))
     with pytest.raises(ValueError, match="noise_dim=0"):
         ue.T2UEProtect(caption_start=True)
+
+
+def test_learner_restarts_start_the_joint_learner_again_on_schedule(pairs):
+    """``learner_restart_every``: the joint learner starts again every N generator steps, so the noise is trained
+    against models that have just started, as a victim has. Catches the option ignored (same generator, no
+    restarts counted), restarting on the wrong schedule, or accepted where there is no learner."""
+    quick = dict(seed=0, surrogate_epochs=1, epochs=3, train_batch_size=8, generator_width=4, resolution=16, objective="joint")
+    plain = ue.T2UEProtect(**quick).fit(pairs, progress=False)  # 16 pairs, batches of 8: 6 steps
+    restarted = ue.T2UEProtect(learner_restart_every=2, **quick).fit(pairs, progress=False)
+    assert plain.fit_stats["learner_restarts"] == 0 and restarted.fit_stats["learner_restarts"] == 2  # before steps 3 and 5
+    assert ue.T2UEProtect(learner_restart_every=4, **quick).fit(pairs, progress=False).fit_stats["learner_restarts"] == 1
+    caption = pairs["caption"][:1]
+    assert not np.array_equal(plain.noise_for_texts(caption, size=16), restarted.noise_for_texts(caption, size=16))
+    with pytest.raises(ValueError, match="objective='joint'"):
+        ue.T2UEProtect(learner_restart_every=2, objective="frozen")

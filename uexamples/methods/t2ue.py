@@ -114,6 +114,10 @@ class T2UEConfig(AdditiveConfig):
                             choices=OBJECTIVES)  # fmt: skip
     learner_init: str = option("surrogate", "where the joint objective's learner starts: a copy of the surrogate, or "
                                "from scratch (as a victim does)", choices=LEARNER_INITS)  # fmt: skip
+    learner_restart_every: int | None = option(None, "joint objective: the learner starts again (as at the start of the "
+                                               "fit, with a fresh optimiser) every this many generator steps, so the "
+                                               "noise is trained to be picked up by a model that has only just started, "
+                                               "as a victim has (None: never)")  # fmt: skip
     noise_grid: int | None = option(None, "pixels a side the generator outputs (8, 16, 32, 64, ...), resized to the "
                                     "working grid: coarser noise is cheaper (default: the rule of noise_grid_cap)")  # fmt: skip
     noise_grid_cap: int | None = option(None, "with noise_grid unset, the generator outputs the working resolution, at "
@@ -311,8 +315,11 @@ class T2UEProtect(AdditiveProtector):
         check_int(cfg, "noise_dim", minimum=0)
         if cfg.caption_start and cfg.noise_dim:
             raise ValueError("caption_start computes the generator's input from the caption in place of z: it needs noise_dim=0")
-        if cfg.max_steps is not None:
-            check_int(cfg, "max_steps")
+        for name in ("max_steps", "learner_restart_every"):
+            if getattr(cfg, name) is not None:
+                check_int(cfg, name)
+        if cfg.learner_restart_every is not None and cfg.objective != "joint":
+            raise ValueError("learner_restart_every restarts the joint objective's learner: it needs objective='joint'")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
         if cfg.learner_init not in LEARNER_INITS:
@@ -421,14 +428,20 @@ class T2UEProtect(AdditiveProtector):
             self._set_rule("steps", f"{total} generator steps ({cfg.epochs} epochs of {steps_per_epoch})")
         opt = torch.optim.Adam(g.parameters(), lr=float(cfg.lr), betas=(0.5, 0.999))
         learner, learner_opt, ids = model, None, None
-        if cfg.objective == "joint":  # a copy of the surrogate that goes on learning from the protected pairs
+
+        def new_learner() -> tuple[nn.Module, torch.optim.Optimizer]:
+            """The joint objective's learner as it starts: a copy of the surrogate, or one from scratch."""
             if cfg.learner_init == "scratch" and surrogate.desc.get("kind") != "module":  # a custom module: copied
-                learner = ContrastiveSurrogate.rebuild(surrogate.desc, None, self._module).to(dev).model
+                fresh = ContrastiveSurrogate.rebuild(surrogate.desc, None, self._module).to(dev).model
             else:
-                learner = copy.deepcopy(model)
-            learner = learner.requires_grad_(True).train()
-            learner_opt = torch.optim.AdamW(learner.parameters(), lr=5e-4, weight_decay=0.1)
+                fresh = copy.deepcopy(model)
+            fresh = fresh.requires_grad_(True).train()
+            return fresh, torch.optim.AdamW(fresh.parameters(), lr=5e-4, weight_decay=0.1)
+
+        if cfg.objective == "joint":  # a learner that goes on learning from the protected pairs
+            learner, learner_opt = new_learner()
             ids = encode_captions(surrogate.tokenizer, captions, int(cfg.captions_per_image))
+        restart, restarts = int(cfg.learner_restart_every or 0), 0
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
         bar = progress_bar(total=total, desc="Training the noise generator", unit="step", progress=progress)
         losses: list[float] = []
@@ -436,6 +449,9 @@ class T2UEProtect(AdditiveProtector):
         g.train()
         for batches in shuffled_epochs(n, bs, steps_per_epoch, total, gen):
             for idx in batches:
+                if restart and learner_opt is not None and losses and len(losses) % restart == 0:
+                    learner, learner_opt = new_learner()
+                    restarts += 1
                 cond = text[idx].to(dev)
                 z = torch.randn(len(idx), int(cfg.noise_dim), generator=gen).to(dev) if cfg.noise_dim else None
                 delta = self._to_working(g(cond, z), res)
@@ -463,7 +479,7 @@ class T2UEProtect(AdditiveProtector):
         tail = losses[-max(1, steps_per_epoch):]
         self.fit_stats = {"images": n, "steps": total, "final_loss": round(float(np.mean(tail)), 4) if tail else None,
                           "first_loss": round(float(np.mean(losses[:steps_per_epoch])), 4) if losses else None,
-                          "surrogate_seconds": round(t_surrogate, 1), "generator_seconds": round(time.time() - t0, 1),
+                          "learner_restarts": restarts, "surrogate_seconds": round(t_surrogate, 1), "generator_seconds": round(time.time() - t0, 1),
                           "seconds": round(time.time() - started, 1)}  # fmt: skip
 
     @staticmethod
