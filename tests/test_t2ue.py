@@ -269,3 +269,28 @@ def test_learner_restarts_start_the_joint_learner_again_on_schedule(pairs):
     assert not np.array_equal(plain.noise_for_texts(caption, size=16), restarted.noise_for_texts(caption, size=16))
     with pytest.raises(ValueError, match="objective='joint'"):
         ue.T2UEProtect(learner_restart_every=2, objective="frozen")
+
+
+def test_pixel_skip_maps_the_caption_straight_to_each_pixel_and_survives_save_load(tmp_path, pairs):
+    """``pixel_skip``: a linear map from the caption embedding to every pixel of the noise, before the tanh,
+    starting at zero. Catches the map not added (the skip's weights would change nothing), not started at zero
+    (the plain generator's output changed at initialisation), or lost on save/load."""
+    from uexamples.methods.t2ue import TextNoiseGenerator
+
+    torch.manual_seed(0)
+    plain = TextNoiseGenerator(16, 16, 8 / 255, noise_dim=0, width=4).eval()
+    torch.manual_seed(0)
+    skip = TextNoiseGenerator(16, 16, 8 / 255, noise_dim=0, width=4, pixel_skip=True).eval()
+    text = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(plain(text, None), skip(text, None))  # zero at the start: the plain generator
+        skip.pixel_skip.weight.normal_()
+        moved = skip(text, None) - plain(text, None)
+    assert moved.abs().amax() > 1 / 255 and moved[:, :, 1:, :].ne(moved[:, :, :-1, :]).float().mean() > 0.9  # per pixel
+    quick = dict(seed=0, noise_dim=0, surrogate_epochs=1, epochs=1, train_batch_size=8, generator_width=4, resolution=16)
+    fitted = ue.T2UEProtect(pixel_skip=True, **quick).fit(pairs, progress=False)
+    assert fitted._runtime["generator"].pixel_skip.weight.abs().sum() > 0  # trained
+    fitted.save_pretrained(tmp_path / "p")
+    again = ue.Protector.from_pretrained(tmp_path / "p")
+    caption = pairs["caption"][:2]
+    assert np.array_equal(again.noise_for_texts(caption, size=16), fitted.noise_for_texts(caption, size=16))
