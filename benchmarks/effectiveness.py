@@ -9,6 +9,13 @@ baseline trained in the same run with the same recipe.
     python benchmarks/effectiveness.py --dataset ../shared/datasets/retinamnist --methods cuda --keep-others
     python benchmarks/effectiveness.py --methods t2ue --keep-others         # captions from the class names
     python benchmarks/effectiveness.py --methods t2ue-transfer --protector DIR --keep-others   # fitted elsewhere
+    python benchmarks/effectiveness.py --methods fixed-classwise-pixels,fixed-classwise-blocks8 --reuse-clean
+
+``fixed-classwise-*`` are references, not methods: one fixed random pattern of +-8/255 per class, added
+to every image of the class (what the simplest class-wise shortcut does with this victim): ``pixels``
+an independent sign per pixel and channel, ``blocksK`` signs on a K x K grid repeated over blocks of
+pixels, ``smoothK`` a K x K Gaussian grid bilinearly up-sampled and pushed through a steep tanh (smooth
+blobs of nearly full amplitude, as T2UE's generator makes them).
 
 With ``--keep-others`` only the named methods are re-measured; the clean baseline is still trained
 again and must come out identical (the training is deterministic), else the run stops.
@@ -29,6 +36,27 @@ import torch
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
 import uexamples as ue
 from uexamples.evaluation import dataset_to_tensors, train_victim
+
+
+def fixed_classwise(kind: str, x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float = 8 / 255) -> torch.Tensor:
+    """``x`` (N, C, H, W in [0, 1]) plus one fixed random pattern per class (``fixed-classwise-<kind>``, see the
+    module docstring), rounded to the stored 8-bit levels."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    classes, (c, h, w) = int(y.max()) + 1, x.shape[1:]
+    if kind == "pixels":
+        pattern = torch.randint(0, 2, (classes, c, h, w), generator=g).float() * 2 - 1
+    elif kind.startswith("blocks"):
+        k = int(kind.removeprefix("blocks"))
+        pattern = F.interpolate(torch.randint(0, 2, (classes, c, k, k), generator=g).float() * 2 - 1, size=(h, w), mode="nearest")
+    elif kind.startswith("smooth"):
+        k = int(kind.removeprefix("smooth"))
+        grid = F.interpolate(torch.randn(classes, c, k, k, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+        pattern = torch.tanh(4 * grid / grid.std())
+    else:
+        raise SystemExit(f"unknown fixed class-wise pattern {kind!r}: pixels, blocksK or smoothK")
+    return ((x + epsilon * pattern[y]).clamp(0, 1) * 255).round() / 255
 
 
 def run(args) -> dict:
@@ -72,6 +100,16 @@ def run(args) -> dict:
         report["methods"] = keep_other_methods(out, report, args.methods.split(","), lambda r: (
             r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
     for method in args.methods.split(","):
+        if method.startswith("fixed-classwise-"):  # a reference pattern, no protector
+            px = fixed_classwise(method.removeprefix("fixed-classwise-"), clean_x, clean_y, args.seed)
+            res = train_victim(px, clean_y, test_x, test_y, desc=f"{method} victim", **victim)
+            report["methods"][method] = {"fit_seconds": 0.0, "map_seconds": 0.0, "generation_seconds": 0.0,
+                                         "linf_levels": int(((px - clean_x).abs().max() * 255).round()),
+                                         "reference": "one fixed random pattern per class (not a method)",
+                                         "victim": res.to_dict()}  # fmt: skip
+            print(f"[{name}] {method}: victim final {res.final_accuracy:.4f} best {res.best_accuracy:.4f}", flush=True)
+            out.write_text(json.dumps(report, indent=2))
+            continue
         if args.protector:  # a protector fitted elsewhere (T2UE transfer): map only, `method` names the row
             protector = ue.Protector.from_pretrained(args.protector)
         else:

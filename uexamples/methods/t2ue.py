@@ -108,19 +108,12 @@ class T2UEConfig(AdditiveConfig):
     caption_start: bool = option(False, "with noise_dim=0: the generator's 4x4 input is a linear map of the caption "
                                  "embedding instead of a learned constant, so that captions get different noise "
                                  "from the first step (the text modulation starts at zero)")  # fmt: skip
-    pixel_skip: bool = option(False, "add a linear map from the caption embedding straight to every pixel of the noise "
-                              "(before the tanh), so the noise can carry per-pixel detail that the up-sampling blocks "
-                              "smooth away")  # fmt: skip
     objective: str = option("frozen", "what the generator's noise is trained against: the frozen surrogate (the paper), "
                             "or joint: a copy of it that keeps training on the protected pairs at every generator step "
                             "(both minimise the same loss, as min-min error-minimising noise trains its surrogate)",
                             choices=OBJECTIVES)  # fmt: skip
     learner_init: str = option("surrogate", "where the joint objective's learner starts: a copy of the surrogate, or "
                                "from scratch (as a victim does)", choices=LEARNER_INITS)  # fmt: skip
-    learner_restart_every: int | None = option(None, "joint objective: the learner starts again (as at the start of the "
-                                               "fit, with a fresh optimiser) every this many generator steps, so the "
-                                               "noise is trained to be picked up by a model that has only just started, "
-                                               "as a victim has (None: never)")  # fmt: skip
     noise_grid: int | None = option(None, "pixels a side the generator outputs (8, 16, 32, 64, ...), resized to the "
                                     "working grid: coarser noise is cheaper (default: the rule of noise_grid_cap)")  # fmt: skip
     noise_grid_cap: int | None = option(None, "with noise_grid unset, the generator outputs the working resolution, at "
@@ -187,7 +180,7 @@ class TextNoiseGenerator(nn.Module):
     """``G(emb_t, z)`` -> noise (B, 3, size, size) in [-epsilon, epsilon]; ``size`` = 4 * 2**k."""
 
     def __init__(self, text_dim: int, size: int, epsilon: float, noise_dim: int = 100, width: int = 32,
-                 caption_start: bool = False, pixel_skip: bool = False) -> None:  # fmt: skip
+                 caption_start: bool = False) -> None:  # fmt: skip
         super().__init__()
         blocks = int(round(math.log2(size / 4)))
         if size < 8 or 4 * 2**blocks != size:
@@ -195,11 +188,8 @@ class TextNoiseGenerator(nn.Module):
         self.caption_start = bool(caption_start) and not noise_dim
         # the constructor's arguments, saved with the protector and passed back on load
         self.hparams = dict(text_dim=text_dim, size=size, epsilon=epsilon, noise_dim=noise_dim, width=width)
-        # options saved only when on, so that protectors saved before them keep their bytes
-        if self.caption_start:
+        if self.caption_start:  # only then, so that protectors saved before the option keep their bytes
             self.hparams["caption_start"] = True
-        if pixel_skip:
-            self.hparams["pixel_skip"] = True
         self.epsilon, self.noise_dim = float(epsilon), int(noise_dim)
         channels = [width * min(8, 2 ** (blocks - i)) for i in range(blocks + 1)]  # 4x4 first, halving towards the output
         self.top = channels[0]
@@ -211,12 +201,6 @@ class TextNoiseGenerator(nn.Module):
             self.start = nn.Parameter(torch.randn(1, self.top, 4, 4))
         self.blocks = nn.ModuleList(UpBlock(channels[i], channels[i + 1], text_dim) for i in range(blocks))
         self.out = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(), nn.Conv2d(channels[-1], 3, 3, padding=1))
-        self.size = size
-        # the caption straight to the pixels: per-pixel detail the blocks' up-sampling smooths; starts at zero
-        self.pixel_skip = nn.Linear(text_dim, 3 * size * size) if pixel_skip else None
-        if self.pixel_skip is not None:
-            nn.init.zeros_(self.pixel_skip.weight)
-            nn.init.zeros_(self.pixel_skip.bias)
         self.to(memory_format=torch.channels_last)  # oneDNN's narrow convolutions: 1.7x faster on CPU (measured)
 
     def forward(self, text: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
@@ -226,10 +210,7 @@ class TextNoiseGenerator(nn.Module):
             h = self.start.expand(len(text), -1, -1, -1)
         for block in self.blocks:
             h = block(h, text)
-        h = self.out(h)
-        if self.pixel_skip is not None:
-            h = h + self.pixel_skip(text).view(-1, 3, self.size, self.size)
-        return self.epsilon * torch.tanh(h)
+        return self.epsilon * torch.tanh(self.out(h))
 
 
 def generator_size(resolution: int) -> int:
@@ -330,11 +311,8 @@ class T2UEProtect(AdditiveProtector):
         check_int(cfg, "noise_dim", minimum=0)
         if cfg.caption_start and cfg.noise_dim:
             raise ValueError("caption_start computes the generator's input from the caption in place of z: it needs noise_dim=0")
-        for name in ("max_steps", "learner_restart_every"):
-            if getattr(cfg, name) is not None:
-                check_int(cfg, name)
-        if cfg.learner_restart_every is not None and cfg.objective != "joint":
-            raise ValueError("learner_restart_every restarts the joint objective's learner: it needs objective='joint'")
+        if cfg.max_steps is not None:
+            check_int(cfg, "max_steps")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
         if cfg.learner_init not in LEARNER_INITS:
@@ -433,7 +411,7 @@ class T2UEProtect(AdditiveProtector):
         _, caption_ids = np.unique([json.dumps(c) for c in captions], return_inverse=True)
         caption_ids = torch.from_numpy(caption_ids.reshape(-1))
         g = TextNoiseGenerator(text.shape[1], generator_size(self._noise_grid(res)), float(cfg.epsilon), int(cfg.noise_dim),
-                               int(cfg.generator_width), bool(cfg.caption_start), bool(cfg.pixel_skip)).to(dev)  # fmt: skip
+                               int(cfg.generator_width), bool(cfg.caption_start)).to(dev)  # fmt: skip
         n = len(x)
         bs, steps_per_epoch, total = step_plan(n, int(cfg.train_batch_size), int(cfg.epochs), cfg.max_steps)
         if total < int(cfg.epochs) * steps_per_epoch:
@@ -443,20 +421,14 @@ class T2UEProtect(AdditiveProtector):
             self._set_rule("steps", f"{total} generator steps ({cfg.epochs} epochs of {steps_per_epoch})")
         opt = torch.optim.Adam(g.parameters(), lr=float(cfg.lr), betas=(0.5, 0.999))
         learner, learner_opt, ids = model, None, None
-
-        def new_learner() -> tuple[nn.Module, torch.optim.Optimizer]:
-            """The joint objective's learner as it starts: a copy of the surrogate, or one from scratch."""
+        if cfg.objective == "joint":  # a copy of the surrogate that goes on learning from the protected pairs
             if cfg.learner_init == "scratch" and surrogate.desc.get("kind") != "module":  # a custom module: copied
-                fresh = ContrastiveSurrogate.rebuild(surrogate.desc, None, self._module).to(dev).model
+                learner = ContrastiveSurrogate.rebuild(surrogate.desc, None, self._module).to(dev).model
             else:
-                fresh = copy.deepcopy(model)
-            fresh = fresh.requires_grad_(True).train()
-            return fresh, torch.optim.AdamW(fresh.parameters(), lr=5e-4, weight_decay=0.1)
-
-        if cfg.objective == "joint":  # a learner that goes on learning from the protected pairs
-            learner, learner_opt = new_learner()
+                learner = copy.deepcopy(model)
+            learner = learner.requires_grad_(True).train()
+            learner_opt = torch.optim.AdamW(learner.parameters(), lr=5e-4, weight_decay=0.1)
             ids = encode_captions(surrogate.tokenizer, captions, int(cfg.captions_per_image))
-        restart, restarts = int(cfg.learner_restart_every or 0), 0
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
         bar = progress_bar(total=total, desc="Training the noise generator", unit="step", progress=progress)
         losses: list[float] = []
@@ -464,9 +436,6 @@ class T2UEProtect(AdditiveProtector):
         g.train()
         for batches in shuffled_epochs(n, bs, steps_per_epoch, total, gen):
             for idx in batches:
-                if restart and learner_opt is not None and losses and len(losses) % restart == 0:
-                    learner, learner_opt = new_learner()
-                    restarts += 1
                 cond = text[idx].to(dev)
                 z = torch.randn(len(idx), int(cfg.noise_dim), generator=gen).to(dev) if cfg.noise_dim else None
                 delta = self._to_working(g(cond, z), res)
@@ -494,7 +463,7 @@ class T2UEProtect(AdditiveProtector):
         tail = losses[-max(1, steps_per_epoch):]
         self.fit_stats = {"images": n, "steps": total, "final_loss": round(float(np.mean(tail)), 4) if tail else None,
                           "first_loss": round(float(np.mean(losses[:steps_per_epoch])), 4) if losses else None,
-                          "learner_restarts": restarts, "surrogate_seconds": round(t_surrogate, 1), "generator_seconds": round(time.time() - t0, 1),
+                          "surrogate_seconds": round(t_surrogate, 1), "generator_seconds": round(time.time() - t0, 1),
                           "seconds": round(time.time() - started, 1)}  # fmt: skip
 
     @staticmethod
