@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,8 +17,6 @@ CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs se
 
 def machine_info(**extra) -> dict:
     """What a results file records about the machine it was measured on."""
-    import platform
-
     import torch
 
     return {"cpu_threads": torch.get_num_threads(), "cpu": cpu_model(), "platform": platform.platform(), "torch": torch.__version__,
@@ -28,13 +27,12 @@ def cpu_model() -> str:
     """The CPU's model name: the shared machines are Intel Xeon or AMD EPYC, and a bilevel fit's float path differs
     between the two (the same seed gives other noise), so every results file says which one measured it."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "unknown"
 
 

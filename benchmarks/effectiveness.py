@@ -32,6 +32,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import torch.nn.functional as F
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, keep_other_methods, machine_info, make_protector
 import uexamples as ue
@@ -41,8 +42,6 @@ from uexamples.evaluation import dataset_to_tensors, train_victim
 def fixed_classwise(kind: str, x: torch.Tensor, y: torch.Tensor, seed: int, epsilon: float = 8 / 255) -> torch.Tensor:
     """``x`` (N, C, H, W in [0, 1]) plus one fixed random pattern per class (``fixed-classwise-<kind>``, see the
     module docstring), rounded to the stored 8-bit levels."""
-    import torch.nn.functional as F
-
     g = torch.Generator().manual_seed(seed)
     classes, (c, h, w) = int(y.max()) + 1, x.shape[1:]
     if kind == "pixels":
@@ -57,6 +56,31 @@ def fixed_classwise(kind: str, x: torch.Tensor, y: torch.Tensor, seed: int, epsi
     else:
         raise SystemExit(f"unknown fixed class-wise pattern {kind!r}: pixels, blocksK or smoothK")
     return ((x + epsilon * pattern[y]).clamp(0, 1) * 255).round() / 255
+
+
+def protect(method: str, train: datasets.Dataset, args) -> tuple[torch.Tensor, torch.Tensor, float, float, dict]:
+    """The protected train split of ``method`` as tensors, fit and map seconds, and what its results row
+    records about how it was made."""
+    if args.protector:  # a protector fitted elsewhere (T2UE transfer): map only, `method` names the row
+        protector = ue.Protector.from_pretrained(args.protector)
+    else:
+        protector = make_protector(method, args.preset, args.seed)
+    source = train
+    if protector.needs_texts and protector.config.text_column is None and not any(
+            c in train.column_names for c in ("caption", "captions", "text", "sentences")):  # fmt: skip
+        # T2UE on a labelled set: captions from the class names, as the paper's supervised experiments
+        source = ue.captions_from_labels(train, sample_wise=args.class_captions == "sample-wise", seed=args.seed)
+    if args.protector:
+        t0 = time.time()
+        protected = source.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
+        fit_s, map_s = 0.0, time.time() - t0
+    else:
+        protected, fit_s, map_s = fit_and_map(protector, source, progress=not args.quiet)
+    px, py = dataset_to_tensors(protected)
+    row = {"fit_stats": getattr(protector, "fit_stats", None),
+           "captions": None if source is train else f"{args.class_captions} from the class names",
+           "protector": args.protector}  # fmt: skip
+    return px, py, fit_s, map_s, row
 
 
 def run(args) -> dict:
@@ -101,31 +125,11 @@ def run(args) -> dict:
             r["clean"]["curve"], r["victim"], r["preset"], r["train_images"], r["test_images"]))  # fmt: skip
     for method in args.methods.split(","):
         if method.startswith("fixed-classwise-"):  # a reference pattern, no protector
-            px = fixed_classwise(method.removeprefix("fixed-classwise-"), clean_x, clean_y, args.seed)
-            res = train_victim(px, clean_y, test_x, test_y, desc=f"{method} victim", **victim)
-            report["methods"][method] = {"fit_seconds": 0.0, "map_seconds": 0.0, "generation_seconds": 0.0,
-                                         "linf_levels": int(((px - clean_x).abs().max() * 255).round()),
-                                         "reference": "one fixed random pattern per class (not a method)",
-                                         "victim": res.to_dict()}  # fmt: skip
-            print(f"[{name}] {method}: victim final {res.final_accuracy:.4f} best {res.best_accuracy:.4f}", flush=True)
-            out.write_text(json.dumps(report, indent=2))
-            continue
-        if args.protector:  # a protector fitted elsewhere (T2UE transfer): map only, `method` names the row
-            protector = ue.Protector.from_pretrained(args.protector)
+            px, py = fixed_classwise(method.removeprefix("fixed-classwise-"), clean_x, clean_y, args.seed), clean_y
+            fit_s = map_s = 0.0
+            row = {"reference": "one fixed random pattern per class (not a method)"}
         else:
-            protector = make_protector(method, args.preset, args.seed)
-        source = train
-        if protector.needs_texts and protector.config.text_column is None and not any(
-                c in train.column_names for c in ("caption", "captions", "text", "sentences")):  # fmt: skip
-            # T2UE on a labelled set: captions from the class names, as the paper's supervised experiments
-            source = ue.captions_from_labels(train, sample_wise=args.class_captions == "sample-wise", seed=args.seed)
-        if args.protector:
-            t0 = time.time()
-            protected = source.map(protector, batched=True, batch_size=512, load_from_cache_file=False)
-            fit_s, map_s = 0.0, time.time() - t0
-        else:
-            protected, fit_s, map_s = fit_and_map(protector, source, progress=not args.quiet)
-        px, py = dataset_to_tensors(protected)
+            px, py, fit_s, map_s, row = protect(method, train, args)
         linf = int(((px - clean_x).abs().max() * 255).round())
         res = train_victim(px, py, test_x, test_y, desc=f"{method} victim", **victim)
         report["methods"][method] = {
@@ -133,9 +137,7 @@ def run(args) -> dict:
             "map_seconds": round(map_s, 1),
             "generation_seconds": round(fit_s + map_s, 1),
             "linf_levels": linf,
-            "fit_stats": getattr(protector, "fit_stats", None),
-            "captions": None if source is train else f"{args.class_captions} from the class names",
-            "protector": args.protector,
+            **row,
             "victim": res.to_dict(),
         }
         print(
