@@ -221,3 +221,17 @@ def test_noise_grid_is_the_grid_of_the_resolution_rule():
     assert ue.MEMProtect(seed=0, noise_grid=16).working_resolution() == 16
     with pytest.raises(ValueError, match="noise_grid"):
         ue.MEMProtect(seed=0, noise_grid=0)
+
+
+def test_trigger_search_stops_hotflip_after_its_fraction_of_the_fit(pairs):
+    """With trigger_search=0.5 the triggers after 4 fit steps are those HotFlip left after step 2 (they then stay
+    fixed while the noise goes on binding to them); with 0 they are the seeded random start."""
+    fit = lambda steps, search: ue.MEMProtect(seed=1, text_triggers=2, trigger_search=search,  # noqa: E731
+                                              **{**TINY_MEM, "train_steps": steps}).fit(pairs, progress=False)  # fmt: skip
+    half, first_two, searched = fit(4, 0.5), fit(2, 1.0), fit(4, 1.0)
+    assert torch.equal(half._runtime["triggers"], first_two._runtime["triggers"])
+    assert not torch.equal(half._runtime["triggers"], searched._runtime["triggers"])  # the search would have gone on
+    assert torch.equal(fit(1, 0.0)._runtime["triggers"], fit(4, 0.0)._runtime["triggers"])  # never searched
+    assert not torch.equal(fit(1, 0.0)._runtime["triggers"], first_two._runtime["triggers"])
+    with pytest.raises(ValueError, match="trigger_search"):
+        ue.MEMProtect(text_triggers=2, trigger_search=1.5)

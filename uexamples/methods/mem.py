@@ -68,6 +68,8 @@ class MEMConfig(MinMinConfig):
     text_triggers: int = option(0, "trigger words put before every caption of an image, bound to its noise (MEM's text "
                                 "triggers, 3-5 in the paper; HotFlip-optimised during the fit). 0: captions untouched")  # fmt: skip
     trigger_candidates: int = option(16, "HotFlip candidates tried per image and fit step")
+    trigger_search: float = option(1.0, "fraction of the fit steps during which HotFlip updates the triggers; after "
+                                   "that they stay fixed and the noise keeps binding to them (1: the whole fit)")  # fmt: skip
     persistent_noise: bool = option(True, "keep each fit image's noise from one visit to the next (the published MEM "
                                     "loop's noise[index]); False: a fresh uniform start per fit step")  # fmt: skip
     noise_grid: int = option(32, "pixels of the grid the noise is worked on when the resolution rule puts images on "
@@ -120,6 +122,8 @@ class MEMProtect(MinMinProtector):
         check_int(self.config, "map_negatives")
         check_int(self.config, "text_triggers", minimum=0)
         check_int(self.config, "trigger_candidates")
+        if not 0 <= float(self.config.trigger_search) <= 1:
+            raise ValueError(f"trigger_search must be a fraction of the fit in [0, 1], got {self.config.trigger_search!r}")
 
     def _init_runtime(self) -> None:
         super()._init_runtime()
@@ -323,9 +327,12 @@ class MEMProtect(MinMinProtector):
             return y
         triggers = self._runtime["triggers"]
         shuffled = y[rnd.rand(1).view(-1).argsort().to(y.device)]
-        image_emb = model((x + delta).clamp(0, 1)).detach()
-        trig = self._hotflip(image_emb, shuffled, triggers[idx].to(y.device))
-        triggers[idx] = trig.cpu()
+        step, total = self._runtime.get("fit_step", (0, 1))
+        trig = triggers[idx].to(y.device)
+        if step < float(self.config.trigger_search) * total:
+            image_emb = model((x + delta).clamp(0, 1)).detach()
+            trig = self._hotflip(image_emb, shuffled, trig)
+            triggers[idx] = trig.cpu()
         return self._with_triggers(shuffled, trig)
 
     def model_targets(self, y: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

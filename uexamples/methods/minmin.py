@@ -435,6 +435,7 @@ class MinMinProtector(AdditiveProtector):
             state.pos += bs
             x, y, grey = x_all[idx].to(dev), y_all[idx].to(dev), grey_all[idx]
             rnd = BatchRandom(gen, bs, rows)
+            self._runtime["fit_step"] = (step, total)  # for methods whose noise phase changes over the fit (MEM's triggers)
             model.eval()
             delta = self._fit_noise(model, x, y, idx, rnd, grey)
             y = self.model_targets(y, idx)
