@@ -14,7 +14,8 @@ Where this differs from the published code, and why:
   each fit step runs the noise phase (and a HotFlip step) on its batch then one CLIP step (the engine's
   loop, as EM here), each image keeping its noise and trigger from one step to the next;
 - HotFlip ranks and tries its candidate words on the first caption of each image only (the trigger is
-  the same in all of them; 5x cheaper);
+  the same in all of them; 5x cheaper); in the ``fast`` preset it runs during the first quarter of the fit
+  only (``trigger_search``): triggers swapped until the end left the noise nothing stable to bind to;
 - several captions per image (Flickr, COCO: 5) are pulled together: the text side of a pair is the
   mean direction of the image's caption embeddings;
 - the final pass run by ``map`` contrasts each image with a fixed bank of ``map_negatives`` training
@@ -84,9 +85,14 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
 # (20 epochs, 20 to 250 steps: 250 for Flickr's 800 pairs); AdamW as CLIP is trained (SGD barely moved the
 # text tower); 2 crop/flip draws per noise step so that the victim's augmentation keeps the noise. The noise
 # grid stays at 32 px: a 16 px grid looked better with one fit and much worse with another (same README).
+# With text triggers, HotFlip searches during the first quarter of the fit only (about 5 updates per image on
+# Flickr's 800 pairs); then the triggers stay and the noise and the surrogate bind to them: the surrogate
+# matched 0.82-0.94 of its noisy pairs at the end instead of 0.11-0.33, and over three fits the victims kept
+# 0.43 / 0.35 of the clean recall instead of about 0.7 / 0.6 (same README, "Triggers that stay put").
 FAST = dict(
     train_steps=250, train_epochs=20, min_train_steps=20, train_batch_size=64, lr=1e-3, weight_decay=0.1,
     lr_decay_every=100_000, noise_steps=5, eot_draws=2, step_size=2 / 255, final_noise_steps=20, final_eot_draws=2,
+    trigger_search=0.25,
 )
 
 
@@ -210,11 +216,17 @@ class MEMProtect(MinMinProtector):
                     "Measured (uexamples benchmarks, flickr8k-1k): image noise alone, without MEM's text triggers, left a "
                     "CLIP trained from scratch on the pairs at about its clean retrieval recall; with 3 trigger words per "
                     "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
-        return [f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
-                "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.",
-                "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words): how much of its "
-                "retrieval recall this removed varied from one fit of the protection to the next, from most of the way to "
-                "chance to none. Treat it as uncertain and check it on your own data (uexamples evaluate)."]  # fmt: skip
+        changed = (f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
+                   "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.")  # fmt: skip
+        if float(config.get("trigger_search", 1.0)) < 1:
+            return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
+                    "during the first quarter of the fit): over three fits the model kept 0.40-0.49 (image-to-text) and "
+                    "0.34-0.37 (text-to-image) of its clean retrieval recall above chance. Check it on your own data "
+                    "(uexamples evaluate)."]  # fmt: skip
+        return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
+                "through the whole fit): how much of its retrieval recall this removed varied from one fit of the protection "
+                "to the next, from most of the way to chance to none. Treat it as uncertain and check it on your own data "
+                "(uexamples evaluate)."]  # fmt: skip
 
     def _hotflip(self, image_emb: torch.Tensor, ids: torch.Tensor, triggers: torch.Tensor) -> torch.Tensor:
         """One HotFlip update of each row's trigger: the first-order loss change of swapping one trigger word
@@ -367,7 +379,8 @@ class MEMProtect(MinMinProtector):
             self._accelerator = None
         if not self.config.text_triggers:
             logger.warning("MEM without text triggers: in the uexamples benchmark (flickr8k-1k, CLIP trained from scratch) "
-                           "image noise alone did not lower retrieval; text_triggers=3 did in some fits, not all (it changes the captions)")  # fmt: skip
+                           "image noise alone did not lower retrieval; text_triggers=3 did (to about 0.4 of the clean recall above chance "
+                           "with the fast preset; it changes the captions)")  # fmt: skip
         super()._fit(dataset, columns, progress)
         self._map_bank = None
 

@@ -458,6 +458,7 @@ class MinMinProtector(AdditiveProtector):
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
         model.eval()
         self._runtime.pop("dp", None)
+        self._runtime.pop("fit_step", None)
         self._runtime.pop("fit_noise", None)  # the map recomputes each image's noise against the final surrogate
         self._finish_fit(model, x_all, y_all, grey_all, gen)
         if ckpt is not None:

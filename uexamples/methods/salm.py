@@ -65,7 +65,7 @@ from ..core.images import NativeImage, load_pil
 from ..core.options import option
 from ..core.regions import dark_frame
 from ..core.registry import register_method
-from .minmin import MinMinConfig, MinMinProtector, uniform_per_copy
+from .minmin import MinMinConfig, MinMinProtector
 
 MASK_RULES = ("saliency", "saliency-refresh", "intensity", "local")
 
@@ -80,8 +80,6 @@ class SALMConfig(MinMinConfig):
     frame_level: float = option(
         0.0, "a dark frame (pixels of grey level at most this, joined to the border, in images whose four "
         "corners are in it: the field around a fundus disc) enters a mask only after every other pixel; 0 (default): off")
-    stable: bool = option(False, "SEM's min-min inside the mask: the noise steps see a random offset of radius adv_radius "
-                          "and the surrogate trains on PGD examples (adv_steps); False: EM's, as the paper")  # fmt: skip
 
 
 PAPER = dict(
@@ -165,6 +163,7 @@ class SALMProtect(MinMinProtector):
         "Training via Sparsity-Aware Local Masking},\n  author={Sun, Weixiang and Liu, Yixin and Yan, Zhiling and "
         "Xu, Kaidi and Sun, Lichao},\n  journal={arXiv preprint arXiv:2403.10573},\n  year={2024}\n}"
     )
+    adversarial_training = False  # EM's model phase: plain training on t(x + delta)
     config_class = SALMConfig
     PRESETS = {"paper": PAPER, "fast": FAST}
 
@@ -216,17 +215,6 @@ class SALMProtect(MinMinProtector):
         return top_pixels(scores, count)
 
     # ------------------------------------------------------------------ engine hooks
-    @property
-    def adversarial_training(self) -> bool:  # type: ignore[override]
-        """EM's model phase (plain training on t(x + delta)) unless ``stable``: then SEM's PGD examples."""
-        return bool(self.config.stable)
-
-    def robust_inputs(self, model, xt: torch.Tensor, targets, rnd, draws: int) -> torch.Tensor:
-        """EM's t(x + delta), or with ``stable`` SEM's t(x + delta) + u, u ~ U(-rho_a, rho_a)."""
-        if not self.config.stable:
-            return xt
-        return xt + uniform_per_copy(rnd, xt, draws, float(self.config.adv_radius))
-
     def noise_phase(self, model, x, y, delta, rnd, steps, draws, grey=None) -> torch.Tensor:
         # the mask lives only inside a phase, so the engine's start (initial_noise, resume_noise) is projected
         # without one; the phase chooses its mask and masks the start here

@@ -153,9 +153,6 @@ class CifarResNet(nn.Module):
 
 BUILTIN = {
     "tinycnn": lambda num_classes: TinyConvNet(num_classes),
-    "tinycnn8": lambda num_classes: TinyConvNet(num_classes, width=8),
-    "tinycnn4": lambda num_classes: TinyConvNet(num_classes, width=4),
-    "linear": lambda num_classes: nn.Sequential(Normalize(), nn.AdaptiveAvgPool2d(28), nn.Flatten(), nn.Linear(3 * 28 * 28, num_classes)),
     "smallcnn": lambda num_classes: SmallConvNet(num_classes, width=16),
     "convnet": lambda num_classes: SmallConvNet(num_classes, width=32),
     "resnet18": lambda num_classes: ResNet18(num_classes),
