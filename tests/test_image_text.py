@@ -213,6 +213,7 @@ def test_text_triggers_rewrite_captions_consistently_and_the_card_says_so(tmp_pa
                "images": 16, "source": {"dataset": "x", "split": "train"}}  # fmt: skip
     card = render_card(summary, "me/x", "cc-by-4.0")
     assert "were changed as said below" in card and "2 trigger words" in card and "byte for byte" not in card
+    assert "searched during the first 25 % of the fit" in card  # the fast preset's trigger_search, said in the card
 
 
 def test_noise_grid_is_the_grid_of_the_resolution_rule():

@@ -218,9 +218,11 @@ class MEMProtect(MinMinProtector):
                     "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
         changed = (f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
                    "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.")  # fmt: skip
-        if float(config.get("trigger_search", 1.0)) < 1:
-            return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
-                    "during the first quarter of the fit): over three fits the model kept 0.40-0.49 (image-to-text) and "
+        search = float(config.get("trigger_search", 1.0))
+        if search < 1:
+            return [changed, f"The trigger words were searched during the first {100 * search:g} % of the fit and then kept. "
+                    "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, the fast preset: 3 trigger words "
+                    "searched during the first 25 %): over three fits the model kept 0.40-0.49 (image-to-text) and "
                     "0.34-0.37 (text-to-image) of its clean retrieval recall above chance. Check it on your own data "
                     "(uexamples evaluate)."]  # fmt: skip
         return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
