@@ -341,7 +341,7 @@ class MEMProtect(MinMinProtector):
             return y
         triggers = self._runtime["triggers"]
         shuffled = y[rnd.rand(1).view(-1).argsort().to(y.device)]
-        step, total = self._runtime.get("fit_step", (0, 1))
+        step, total = self._runtime["fit_step"]  # set by the engine's fit loop, the only caller of this hook
         trig = triggers[idx].to(y.device)
         if step < float(self.config.trigger_search) * total:
             image_emb = model((x + delta).clamp(0, 1)).detach()
