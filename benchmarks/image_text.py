@@ -9,10 +9,13 @@ same bound (what any noise of 8/255 does by itself). One fit (seed 0) feeds ever
     python benchmarks/image_text.py --methods clean,random,mem --seeds 0,1,2
     python benchmarks/image_text.py --methods clean,mem --victim clip-vit --cache /tmp/it   # other victim, same data
     python benchmarks/image_text.py --table
+    python benchmarks/image_text.py --generation-only --methods t2ue,mem,mem+text_triggers=3   # timing, no victims
 
 Method names as ``common.make_protector`` reads them (``mem+final_noise_steps=40``). Each method's row
 is written to benchmarks/results/image_text_<dataset>_<method>.json (so that runs on two cores do not
-overwrite each other); ``--table`` prints one table per dataset and victim recipe.
+overwrite each other); ``--table`` prints one table per dataset and victim recipe. ``--generation-only``
+times fit + map of each method one after the other in this process, with no victim (methods compared
+under the same load), into benchmarks/results/generation_time_<dataset><suffix>.json.
 """
 
 from __future__ import annotations
@@ -50,10 +53,32 @@ def random_noise(ds: datasets.Dataset, epsilon: float, seed: int) -> datasets.Da
     return ds.map(add, batched=True, batch_size=64, load_from_cache_file=False)
 
 
+def generation_times(args, name: str, train: datasets.Dataset) -> None:
+    """Fit + map of each method in turn, in this process: the same load for each (the 1-minute load average
+    before and after each method is recorded, since other jobs on the machine change it)."""
+    import os
+
+    rows = []
+    for method in args.methods.split(","):
+        protector = make_protector(method, args.preset, 0)
+        load_before = os.getloadavg()[0]
+        _, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
+        rows.append({"method": method, "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
+                     "generation_seconds": round(fit_s + map_s, 1), "fit_steps": (getattr(protector, "fit_stats", None) or {}).get("steps"),
+                     "load_average_before": round(load_before, 2), "load_average_after": round(os.getloadavg()[0], 2)})  # fmt: skip
+        print(f"[{name}] {method}: fit {fit_s:.0f} s + map {map_s:.0f} s", flush=True)
+    out = RESULTS / f"generation_time_{name}{args.suffix}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"dataset": name, "preset": args.preset, "train_images": len(train),
+                               "machine": machine_info(), "rows": rows}, indent=2))  # fmt: skip
+
+
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     name = Path(args.dataset).name
     train = datasets.load_dataset(args.dataset, split="train")
+    if args.generation_only:
+        return generation_times(args, name, train)
     test = datasets.load_dataset(args.dataset, split="test")
     seeds = [int(s) for s in args.seeds.split(",")]
     t = load_pairs(test, "test", args.resolution)
@@ -208,6 +233,7 @@ def main(argv=None) -> None:
     p.add_argument("--suffix", default="")
     p.add_argument("--cache", help="keep each protected split here and reuse it for another victim recipe")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--generation-only", action="store_true", help="time fit + map of each method, one after the other, no victims")
     p.add_argument("--figure", action="store_true", help="draw a few protected pairs of the last method from --cache")
     args = p.parse_args(argv)
     if args.figure:
