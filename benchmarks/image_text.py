@@ -21,6 +21,7 @@ under the same load), into benchmarks/results/generation_time_<dataset><suffix>.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,8 +57,6 @@ def random_noise(ds: datasets.Dataset, epsilon: float, seed: int) -> datasets.Da
 def generation_times(args, name: str, train: datasets.Dataset) -> None:
     """Fit + map of each method in turn, in this process: the same load for each (the 1-minute load average
     before and after each method is recorded, since other jobs on the machine change it)."""
-    import os
-
     rows = []
     for method in args.methods.split(","):
         protector = make_protector(method, args.preset, 0)
