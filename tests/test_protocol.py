@@ -112,6 +112,66 @@ def test_cuda_is_the_papers_filter(small_ds):
     assert np.abs(np.asarray(out, dtype=np.int64) - ref).max() <= 1
 
 
+def test_cuda_scaled_filter_blurs_a_large_image_as_the_small_one():
+    """filter_scale=s blurs an s-times enlarged image as the paper's filter blurs the small one: on a
+    nearest-neighbour enlargement the dilated filter gives exactly the enlarged blur, and the tent fills
+    the pixels between the taps with the triangle a linear interpolation of the filter would give."""
+    import torch
+
+    from uexamples.methods.cuda import blur, filter_scale_for, make_filters
+
+    rng = np.random.default_rng(0)
+    small = rng.random((4, 3, 12, 10), dtype=np.float32)
+    kernels = make_filters(7, 4, 3, 1.0, draws=8)
+    for s in (2, 3):
+        big = small.repeat(s, axis=2).repeat(s, axis=3)
+        dilated = np.stack(blur(list(big), kernels, s, "dilate"))
+        expected = np.stack(blur(list(small), kernels, 1)).repeat(s, axis=2).repeat(s, axis=3)
+        assert np.array_equal(dilated, expected)
+    # the tent: one convolution with the dilated filter convolved with a separable triangle, away from the border
+    s = 2
+    x = rng.random((1, 3, 20, 20), dtype=np.float32)
+    tent = np.array([0.5, 1.0, 0.5])
+    full = np.zeros((7, 7))
+    for a in range(3):
+        for b in range(3):
+            full[2 * a : 2 * a + 3, 2 * b : 2 * b + 3] += kernels[0][a, b] * np.outer(tent, tent)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x).double(), torch.from_numpy(full).expand(3, 1, 7, 7), groups=3)[0]
+    out = blur(list(x), kernels[:1], s, "tent")[0][:, 3:-3, 3:-3]  # divided by the whole image's max
+    conv = conv.numpy()
+    np.testing.assert_allclose(out / out.max(), conv / conv.max(), rtol=1e-5, atol=1e-6)
+    # the triangle's running sums are zero-padded on both borders alike, at any scale
+    from uexamples.methods.cuda import tent_sum
+
+    y = torch.from_numpy(rng.random((2, 9, 11)))
+    for dim, scale in [(-2, 2), (-1, 3), (-1, 15)]:
+        direct = torch.zeros_like(y)
+        for i in range(y.shape[dim]):
+            for d in range(1 - scale, scale):
+                if 0 <= i + d < y.shape[dim]:
+                    direct.select(dim, i).add_((scale - abs(d)) * y.select(dim, i + d))
+        assert torch.allclose(tent_sum(y, dim, scale), direct)
+    # the rule: one tap spacing per 32 px of the shorter side, never below 1
+    assert [filter_scale_for("auto", h, w) for h, w in [(28, 28), (32, 32), (47, 47), (48, 64), (64, 64), (480, 640)]] == [1, 1, 1, 2, 2, 15]
+    assert filter_scale_for(3, 28, 28) == 3
+
+
+def test_cuda_filter_scale_auto_keeps_small_images_and_scales_large_ones(small_ds):
+    key = dict(key=21, allow_weak_key=True, num_classes=10)
+    paper_scale = small_ds.map(ue.CUDAProtect(**key), batched=True, load_from_cache_file=False)
+    auto = ue.CUDAProtect(filter_scale="auto", **key)
+    assert np.array_equal(pixels(small_ds.map(auto, batched=True, load_from_cache_file=False)), pixels(paper_scale))
+    large = small_ds.select(range(6)).map(lambda r: {"image": r["image"].resize((64, 64), PIL.Image.NEAREST)})
+    by_auto = pixels(large.map(auto, batched=True, load_from_cache_file=False))
+    by_two = pixels(large.map(ue.CUDAProtect(filter_scale=2, **key), batched=True, load_from_cache_file=False))
+    by_one = pixels(large.map(ue.CUDAProtect(**key), batched=True, load_from_cache_file=False))
+    assert np.array_equal(by_auto, by_two) and not np.array_equal(by_auto, by_one)
+    assert auto.public_config()["filter_scale"] == "auto"  # the rule is what is saved, not one image's spacing
+    for bad in ({"filter_scale": 0}, {"filter_scale": "big"}, {"filter_scale": 1.5}, {"filter_resampling": "cubic"}):
+        with pytest.raises(ValueError, match="filter_"):
+            ue.CUDAProtect(**key, **bad)
+
+
 def test_cuda_separated_filters_keep_the_papers_distribution_and_spread_the_classes():
     from itertools import combinations
 

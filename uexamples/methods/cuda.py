@@ -41,6 +41,21 @@ from ..core.registry import register_method
 KEY_ENV = "UEXAMPLES_CUDA_KEY"
 
 
+RESAMPLINGS = ("tent", "dilate")
+SCALE_GRID = 32  # filter_scale="auto": the filter spans as many grid cells as the paper's 3x3 spans pixels at 32 px
+
+
+def parse_scale(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def filter_scale_for(scale: int | str, height: int, width: int) -> int:
+    """Tap spacing for an image: ``scale`` itself, or with "auto" one per 32 px of the shorter side (at least 1)."""
+    if scale == "auto":
+        return max(1, int(min(height, width) / SCALE_GRID + 0.5))
+    return int(scale)
+
+
 KEY_LIMIT = 2**63  # the generator takes 63 bits: every key in [0, 2**63) gives its own filters
 WEAK_KEY = 2**32  # below this, the saved fingerprint lets a key be found by search (see the README)
 
@@ -110,6 +125,10 @@ class CUDAConfig(ProtectorConfig):
     kernel_size: int = option(3, "filter size k (the paper: 3)")
     max_weight: float = option(0.3, "upper bound p_b of the random taps (the paper: 0.3)")
     filter_draws: int = option(1, "candidates per class for separated draws (1 = the paper's independent draws)")
+    filter_scale: int | str = option(1, "pixels between the filter's taps: 1 = the paper; 'auto' = round(shorter side / 32), "
+                                     "so that a large image is blurred at the scale a 32 px one is", parse=parse_scale)  # fmt: skip
+    filter_resampling: str = option("tent", "how a scaled filter fills the pixels between its taps: 'tent' (linear "
+                                    "interpolation, a smooth blur) or 'dilate' (zeros)", choices=RESAMPLINGS)  # fmt: skip
     allow_weak_key: bool = option(False, "accept a key below 2**32 (it can be recovered from the saved fingerprint "
                                   "by search: only for tests and demos)")  # fmt: skip
 
@@ -172,6 +191,10 @@ class CUDAProtect(Protector):
         if not (0 < float(cfg.max_weight) <= 1):
             raise ValueError(f"max_weight (p_b) must be in (0, 1], got {cfg.max_weight!r}")
         check_int(cfg, "filter_draws")
+        if cfg.filter_scale != "auto":
+            check_int(cfg, "filter_scale")
+        if cfg.filter_resampling not in RESAMPLINGS:
+            raise ValueError(f"filter_resampling must be one of {RESAMPLINGS}, got {cfg.filter_resampling!r}")
 
     @property
     def filters(self) -> np.ndarray:
@@ -219,8 +242,12 @@ class CUDAProtect(Protector):
         for i, img in enumerate(images):  # small images of one shape go through together, large ones alone
             c, h, w = img.color.shape
             groups.setdefault((c, h, w) if h * w <= SMALL_IMAGE_PIXELS else (i,), []).append(i)
+        cfg = self.config
         for idx in groups.values():
-            blurred = blur([images[i].color for i in idx], self.filters[[labels[i] for i in idx]])
+            _, h, w = images[idx[0]].color.shape
+            scale = filter_scale_for(cfg.filter_scale, h, w)
+            blurred = blur([images[i].color for i in idx], self.filters[[labels[i] for i in idx]], scale,
+                           cfg.filter_resampling)  # fmt: skip
             for i, color in zip(idx, blurred):
                 out[i] = color
         return out  # type: ignore[return-value]
@@ -229,9 +256,15 @@ class CUDAProtect(Protector):
 SMALL_IMAGE_PIXELS = 128 * 128  # above this, stacking images costs more than one call per image saves
 
 
-def blur(colors: list[np.ndarray], kernels: np.ndarray) -> list[np.ndarray]:
+def blur(colors: list[np.ndarray], kernels: np.ndarray, scale: int = 1, resampling: str = "tent") -> list[np.ndarray]:
     """``conv(x) / max(conv(x))`` for (C, H, W) images of one shape, each with its own k x k filter
     (``kernels``: (B, k, k)), the same filter on every channel, zero padding.
+
+    ``scale`` > 1 spaces the taps ``scale`` pixels apart (a dilated filter); with ``resampling="tent"``
+    the result is then smoothed by a separable triangle of half-width ``scale`` (two running sums of
+    ``scale`` pixels per axis, whatever the scale), which fills the pixels between the taps by linear
+    interpolation: the filter an image ``scale`` times smaller would get, enlarged. ``scale=1`` is the
+    paper's filter, byte for byte.
 
     Written as k*k shifted in-place multiply-adds rather than a grouped ``F.conv2d``: on one CPU thread
     that is 16x faster for a 640x480 photo (1 ms against 16 ms), so that protecting costs little more
@@ -239,7 +272,7 @@ def blur(colors: list[np.ndarray], kernels: np.ndarray) -> list[np.ndarray]:
     grouped convolution (tests/test_pinned_outputs.py).
     """
     x = torch.from_numpy(np.stack(colors)) if len(colors) > 1 else torch.from_numpy(colors[0])[None]
-    batch, _, h, w = x.shape
+    batch = x.shape[0]
     k = kernels.shape[-1]
     r = k // 2
     taps = torch.from_numpy(np.ascontiguousarray(kernels, dtype=np.float32)).view(batch, 1, 1, 1, k, k)
@@ -248,10 +281,45 @@ def blur(colors: list[np.ndarray], kernels: np.ndarray) -> list[np.ndarray]:
     y = torch.zeros_like(x)
     for i in range(k):
         for j in range(k):
-            di, dj = i - r, j - r
-            rows_out, rows_in = slice(max(0, -di), h - max(0, di)), slice(max(0, di), h - max(0, -di))
-            cols_out, cols_in = slice(max(0, -dj), w - max(0, dj)), slice(max(0, dj), w - max(0, -dj))
-            y[..., rows_out, cols_out].addcmul_(x[..., rows_in, cols_in], taps[..., i, j])
+            shifted_add(y, x, (i - r) * scale, (j - r) * scale, taps[..., i, j])
+    if scale > 1 and resampling == "tent":
+        for dim in (-2, -1):  # separable: rows, then columns
+            y = tent_sum(y, dim, scale)
     peak = y.amax(dim=(1, 2, 3), keepdim=True)
     y.div_(torch.where(peak > 0, peak, torch.ones_like(peak)))  # a black image stays black
     return list(y.numpy())
+
+
+def shifted_add(y: torch.Tensor, x: torch.Tensor, di: int, dj: int, weight: torch.Tensor) -> None:
+    """``y[..., a, b] += weight * x[..., a + di, b + dj]`` wherever that pixel exists (zero padding)."""
+    h, w = x.shape[-2:]
+    if abs(di) >= h or abs(dj) >= w:  # the tap falls outside the image everywhere
+        return
+    rows_out, rows_in = slice(max(0, -di), h - max(0, di)), slice(max(0, di), h - max(0, -di))
+    cols_out, cols_in = slice(max(0, -dj), w - max(0, dj)), slice(max(0, dj), w - max(0, -dj))
+    y[..., rows_out, cols_out].addcmul_(x[..., rows_in, cols_in], weight)
+
+
+def tent_sum(y: torch.Tensor, dim: int, scale: int) -> torch.Tensor:
+    """``out[i] = sum over |d| < scale of (scale - |d|) * y[i + d]`` along ``dim``, zero padding.
+
+    The triangle is two boxes of ``scale`` pixels, each a difference of running sums, so its cost does
+    not grow with the scale (a 640 x 480 photo gets a tent of half-width 15). The first box runs over
+    ``scale - 1`` more positions in front, so that both borders are zero-padded alike."""
+    n = y.shape[dim]
+    shape = list(y.shape)
+    shape[dim] = n + scale - 1
+    ahead = y.new_zeros(shape)
+    ahead.narrow(dim, scale - 1, n).copy_(y)
+    return box_sum(box_sum(ahead, dim, 0, scale - 1), dim, 0, scale - 1).narrow(dim, 0, n)
+
+
+def box_sum(y: torch.Tensor, dim: int, low: int, high: int) -> torch.Tensor:
+    """``out[i] = sum(y[i + low : i + high + 1])`` along ``dim``, over the pixels that exist (zero padding)."""
+    n, width = y.shape[dim], high - low + 1
+    shape = list(y.shape)
+    shape[dim] = n + width  # one more zero in front: running[i] is then the sum of what precedes i
+    running = y.new_zeros(shape)
+    running.narrow(dim, 1 - low, n).copy_(y)  # (cheaper than F.pad along the rows)
+    running.cumsum_(dim)
+    return running.narrow(dim, width, n) - running.narrow(dim, 0, n)
