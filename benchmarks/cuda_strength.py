@@ -14,7 +14,8 @@ result is the key's luck.
     python benchmarks/cuda_strength.py --resume --settings 3:0.3#1,3:0.3#2
 
 Results: benchmarks/results/cuda_strength.json; ``--table`` prints the table; ``--picture`` draws
-results/cuda_strength.png (the same images under the clean, paper, fast and k=5 settings).
+results/cuda_strength.png (the same images under the clean, paper, fast and k=5 settings);
+``--scale-picture`` results/cuda_scale_64.png (images enlarged to 64 px: 3x3 taps against the scaled filter).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import datasets
+import PIL.Image
 import torch
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, machine_info, make_protector
@@ -34,9 +36,13 @@ from uexamples.evaluation.metrics import dataset_quality
 OUT = RESULTS / "cuda_strength.json"
 PICTURE_ROWS = {"clean": None, "paper (k=3, p_b=0.3)": dict(preset="paper"), "fast (k=3, p_b=1, 64 draws)": dict(preset="fast"),
                 "k=5, p_b=0.3": dict(preset="paper", kernel_size=5), "k=7, p_b=0.3": dict(preset="paper", kernel_size=7)}  # fmt: skip
+# the same images enlarged to 64 px (bicubic), as generalisation.py's @64 variants: the filter's scale
+SCALE_PICTURE_ROWS = {"clean, enlarged to 64 px": None, "fast, 3x3 taps 1 px apart (filter_scale=1, before)": dict(preset="fast", filter_scale=1),
+                      "fast, taps 2 px apart, tent between (filter_scale='auto', the preset)": dict(preset="fast"),
+                      "taps 2 px apart, zeros between (filter_resampling='dilate')": dict(preset="fast", filter_resampling="dilate")}  # fmt: skip
 
 
-def picture(dataset: str, n: int = 10) -> Path:
+def picture(dataset: str, n: int = 10, rows: dict | None = None, size: int | None = None, name: str = "cuda_strength.png") -> Path:
     """The first ``n`` training images under each row's filters, one row per setting, labelled."""
     import matplotlib
 
@@ -44,9 +50,13 @@ def picture(dataset: str, n: int = 10) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    rows = PICTURE_ROWS if rows is None else rows
     train = datasets.load_dataset(dataset, split="train").select(range(n))
-    fig, axes = plt.subplots(len(PICTURE_ROWS), 1, figsize=(n * 0.9, len(PICTURE_ROWS) * 1.05))
-    for ax, (label, kwargs) in zip(axes, PICTURE_ROWS.items()):
+    if size is not None:
+        train = train.map(lambda r: {"image": r["image"].convert("RGB").resize((size, size), PIL.Image.BICUBIC)})
+    scale = 1 if size is None else size / 32
+    fig, axes = plt.subplots(len(rows), 1, figsize=(n * 0.9 * scale, len(rows) * 1.05 * scale))
+    for ax, (label, kwargs) in zip(axes, rows.items()):
         ds = train
         if kwargs is not None:
             overrides = {k: v for k, v in kwargs.items() if k != "preset"}
@@ -56,7 +66,7 @@ def picture(dataset: str, n: int = 10) -> Path:
         ax.set_title(label, fontsize=9, loc="left")
         ax.axis("off")
     fig.tight_layout()
-    path = RESULTS / "cuda_strength.png"
+    path = RESULTS / name
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -157,9 +167,11 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="keep the settings already in the results file")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--picture", action="store_true", help="only draw results/cuda_strength.png")
+    p.add_argument("--scale-picture", action="store_true", help="only draw results/cuda_scale_64.png (images enlarged to "
+                   "64 px under the 3x3 filter and under the scaled one)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.picture:
-        print(picture(args.dataset))
+    if args.picture or args.scale_picture:
+        print(picture(args.dataset) if args.picture else picture(args.dataset, 8, SCALE_PICTURE_ROWS, 64, "cuda_scale_64.png"))
         return
     dispatch(p, run, table, argv)
 

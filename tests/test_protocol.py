@@ -158,15 +158,17 @@ def test_cuda_scaled_filter_blurs_a_large_image_as_the_small_one():
 
 def test_cuda_filter_scale_auto_keeps_small_images_and_scales_large_ones(small_ds):
     key = dict(key=21, allow_weak_key=True, num_classes=10)
-    paper_scale = small_ds.map(ue.CUDAProtect(**key), batched=True, load_from_cache_file=False)
-    auto = ue.CUDAProtect(filter_scale="auto", **key)
+    paper_scale = small_ds.map(ue.CUDAProtect(filter_scale=1, **key), batched=True, load_from_cache_file=False)
+    auto = ue.CUDAProtect(**key)  # the fast preset's rule
+    assert auto.config.filter_scale == "auto" and ue.CUDAProtect(preset="paper", **key).config.filter_scale == 1
     assert np.array_equal(pixels(small_ds.map(auto, batched=True, load_from_cache_file=False)), pixels(paper_scale))
     large = small_ds.select(range(6)).map(lambda r: {"image": r["image"].resize((64, 64), PIL.Image.NEAREST)})
     by_auto = pixels(large.map(auto, batched=True, load_from_cache_file=False))
     by_two = pixels(large.map(ue.CUDAProtect(filter_scale=2, **key), batched=True, load_from_cache_file=False))
-    by_one = pixels(large.map(ue.CUDAProtect(**key), batched=True, load_from_cache_file=False))
+    by_one = pixels(large.map(ue.CUDAProtect(filter_scale=1, **key), batched=True, load_from_cache_file=False))
     assert np.array_equal(by_auto, by_two) and not np.array_equal(by_auto, by_one)
     assert auto.public_config()["filter_scale"] == "auto"  # the rule is what is saved, not one image's spacing
+    assert "one per 32 px" in " ".join(ue.CUDAProtect.card_notes(auto.public_config()))
     for bad in ({"filter_scale": 0}, {"filter_scale": "big"}, {"filter_scale": 1.5}, {"filter_resampling": "cubic"}):
         with pytest.raises(ValueError, match="filter_"):
             ue.CUDAProtect(**key, **bad)
