@@ -156,7 +156,7 @@ def test_cuda_scaled_filter_blurs_a_large_image_as_the_small_one():
     assert filter_scale_for(3, 28, 28) == 3
 
 
-def test_cuda_filter_scale_auto_keeps_small_images_and_scales_large_ones(small_ds):
+def test_cuda_filter_scale_auto_keeps_small_images_and_scales_large_ones(small_ds, tmp_path):
     key = dict(key=21, allow_weak_key=True, num_classes=10)
     paper_scale = small_ds.map(ue.CUDAProtect(filter_scale=1, **key), batched=True, load_from_cache_file=False)
     auto = ue.CUDAProtect(**key)  # the fast preset's rule
@@ -169,6 +169,17 @@ def test_cuda_filter_scale_auto_keeps_small_images_and_scales_large_ones(small_d
     assert np.array_equal(by_auto, by_two) and not np.array_equal(by_auto, by_one)
     assert auto.public_config()["filter_scale"] == "auto"  # the rule is what is saved, not one image's spacing
     assert "one per 32 px" in " ".join(ue.CUDAProtect.card_notes(auto.public_config()))
+    # the rule is saved; a protector saved before the rule existed keeps the 3x3 taps it was made with
+    auto.save_pretrained(tmp_path / "auto")
+    assert np.array_equal(pixels(large.map(ue.Protector.from_pretrained(tmp_path / "auto", key=21), batched=True,
+                                           load_from_cache_file=False)), by_auto)  # fmt: skip
+    config_file = tmp_path / "auto" / "protector_config.json"
+    state = json.loads(config_file.read_text())
+    del state["config"]["filter_scale"], state["config"]["filter_resampling"], state["integrity"]  # as saved before
+    config_file.write_text(json.dumps(state))
+    old = ue.Protector.from_pretrained(tmp_path / "auto", key=21)
+    assert old.config.filter_scale == 1
+    assert np.array_equal(pixels(large.map(old, batched=True, load_from_cache_file=False)), by_one)
     for bad in ({"filter_scale": 0}, {"filter_scale": "big"}, {"filter_scale": 1.5}, {"filter_resampling": "cubic"}):
         with pytest.raises(ValueError, match="filter_"):
             ue.CUDAProtect(**key, **bad)
