@@ -110,8 +110,6 @@ class AdditiveProtector(Protector):
     def validate_config(self) -> None:
         super().validate_config()
         self.config.resolution = parse_resolution(self.config.resolution)
-        if self.config.resample not in RESAMPLE_MODES:
-            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.config.resample!r}")
 
     def working_resolution(self) -> int | None:
         """Pixels of the working grid; ``None`` at native resolution."""

@@ -54,6 +54,15 @@ def check_int(config: Any, name: str, minimum: int = 1, optional: bool = False) 
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def check_choices(config: Any) -> None:
+    """Refuse any field declared with ``choices=`` whose value is not one of them (a saved config or a
+    Python caller is checked as the command line checks its flags)."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(config, f.name) not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {getattr(config, f.name)!r}")
+
+
 def cli_fields(config_class: type) -> list[dataclasses.Field]:
     """The fields a command line exposes as options (not secrets, not ``cli=False``)."""
     return [f for f in dataclasses.fields(config_class) if f.metadata.get("cli", True) and not f.metadata.get("secret")]

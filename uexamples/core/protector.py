@@ -27,7 +27,7 @@ from ..logging import get_logger
 from .batch import ProtectBatch, at_row, caption_of, sample_key  # noqa: F401  (sample_key: importable from here as before)
 from .columns import TEXT_NAMES, ColumnError, Columns, detect_columns
 from .images import NativeImage, bound_levels, load_pil, restore_cell
-from .options import check_int, option, secret_fields
+from .options import check_choices, check_int, option, secret_fields
 from .registry import get_method, methods_without
 
 logger = get_logger(__name__)
@@ -168,6 +168,7 @@ class Protector:
             raise ValueError(f"seed must be in [0, 2**63) (what torch's generators take), got {cfg.seed}")
         check_int(cfg, "batch_size")
         check_int(cfg, "batch_pixels")
+        check_choices(cfg)
 
     @classmethod
     def secret_names(cls) -> list[str]:

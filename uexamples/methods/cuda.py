@@ -204,8 +204,6 @@ class CUDAProtect(Protector):
         check_int(cfg, "filter_draws")
         if cfg.filter_scale != "auto":
             check_int(cfg, "filter_scale")
-        if cfg.filter_resampling not in RESAMPLINGS:
-            raise ValueError(f"filter_resampling must be one of {RESAMPLINGS}, got {cfg.filter_resampling!r}")
 
     @property
     def filters(self) -> np.ndarray:

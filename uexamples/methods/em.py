@@ -69,8 +69,6 @@ class EMProtect(MinMinProtector):
 
     def validate_config(self) -> None:
         super().validate_config()
-        if self.config.noise_type not in NOISE_TYPES:
-            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {self.config.noise_type!r}")
         if self.class_wise and self.config.persistent_noise:
             raise ValueError("persistent_noise is for sample-wise noise: class-wise noise is kept through the fit already")
 

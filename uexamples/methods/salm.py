@@ -170,8 +170,6 @@ class SALMProtect(MinMinProtector):
     def validate_config(self) -> None:
         super().validate_config()
         cfg = self.config
-        if cfg.mask_rule not in MASK_RULES:
-            raise ValueError(f"mask_rule must be one of {MASK_RULES}, got {cfg.mask_rule!r}")
         if not 0 < float(cfg.mask_ratio) <= 1:
             raise ValueError(f"mask_ratio must be in (0, 1], got {cfg.mask_ratio!r}")
         if isinstance(cfg.window, bool) or not isinstance(cfg.window, int) or cfg.window < 1 or cfg.window % 2 == 0:

@@ -316,13 +316,9 @@ class T2UEProtect(AdditiveProtector):
             check_int(cfg, "max_steps")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
-        if cfg.learner_init not in LEARNER_INITS:
-            raise ValueError(f"learner_init must be one of {LEARNER_INITS}, got {cfg.learner_init!r}")
         for name in ("noise_grid", "noise_grid_cap"):
             if getattr(cfg, name) is not None:
                 check_int(cfg, name, minimum=8)
-        if cfg.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
         if cfg.epsilon is None:
             raise ValueError("T2UE's noise is bounded: epsilon must be set (8/255 is the field's standard)")
 

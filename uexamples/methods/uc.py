@@ -197,10 +197,6 @@ class UCProtect(AdditiveProtector):
             check_int(cfg, name)
         if cfg.clusters < 2:
             raise ValueError(f"clusters must be >= 2 (each cluster is pushed towards another), got {cfg.clusters}")
-        if cfg.optimiser not in OPTIMISERS:
-            raise ValueError(f"optimiser must be one of {OPTIMISERS}, got {cfg.optimiser!r}")
-        if cfg.train_on not in TRAIN_ON:
-            raise ValueError(f"train_on must be one of {TRAIN_ON}, got {cfg.train_on!r}")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
         if not float(cfg.weight_decay) >= 0:
