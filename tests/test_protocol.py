@@ -151,6 +151,13 @@ def test_cuda_scaled_filter_blurs_a_large_image_as_the_small_one():
                 if 0 <= i + d < y.shape[dim]:
                     direct.select(dim, i).add_((scale - abs(d)) * y.select(dim, i + d))
         assert torch.allclose(tent_sum(y, dim, scale), direct)
+    # on large images the running sums along the rows take a two-level scan: the same sums, tail rows included
+    from uexamples.methods.cuda import BLOCK_SCAN_ELEMENTS, running_sum_
+
+    for shape, dim in [((3, 301, 300), -2), ((700, 400), 0), ((2, 3, 90, 500), 2)]:
+        big = torch.from_numpy(rng.random(shape))
+        assert big.numel() >= BLOCK_SCAN_ELEMENTS
+        assert torch.allclose(running_sum_(big.clone(), dim), big.cumsum(dim))
     # the rule: one tap spacing per 32 px of the shorter side, never below 1
     assert [filter_scale_for("auto", h, w) for h, w in [(28, 28), (32, 32), (47, 47), (48, 64), (64, 64), (480, 640)]] == [1, 1, 1, 2, 2, 15]
     assert filter_scale_for(3, 28, 28) == 3
