@@ -9,8 +9,13 @@ the same run, through the same ``datasets.map`` path (decode, then PNG encode: t
 protection must do), at 32 px, 224 px and on photos; "fraction" = PNG-pass time / CUDA-map time
 (1.0: protecting costs nothing beyond the PNG round trip; the target is at least 0.8).
 
+``--blur`` times CUDA's blur alone (no decode, no encode: steadier than the map on a shared machine) on
+one image of each photo size: the paper's 3x3, the scaled filter as the preset runs it, and the scaled
+filter with torch's own cumsum along the rows (the code before the two-level scan).
+
     python benchmarks/speed.py --images 2000
     python benchmarks/speed.py --model-free --threads 1
+    python benchmarks/speed.py --blur --threads 1
 """
 
 from __future__ import annotations
@@ -219,11 +224,66 @@ def model_free_table(name: str = "speed_model_free.json") -> str:
     return "\n".join(lines)
 
 
+BLUR_SIZES = [(150, 200), (224, 224), (375, 500), (480, 640)]  # (H, W): flickr's shipped sizes, 224 px, 640 x 480
+
+
+def run_blur(args) -> dict:
+    """Milliseconds per image of CUDA's blur at each size: best of 7 runs of 20 calls each."""
+    import numpy as np
+
+    import uexamples.methods.cuda as cuda
+
+    torch.set_num_threads(args.threads)
+
+    def best_ms(fn, calls: int = 20) -> float:
+        fn()
+        runs = []
+        for _ in range(7):
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            runs.append((time.perf_counter() - t) / calls * 1e3)
+        return round(min(runs), 3)
+
+    kernels = cuda.make_filters(0, 1, 3, 0.3)
+    rng = np.random.default_rng(0)
+    report = {"machine": machine_info(), "sizes": {}}
+    block_scan = cuda.BLOCK_SCAN_ELEMENTS
+    for h, w in BLUR_SIZES:
+        image = [rng.random((3, h, w), dtype=np.float32)]
+        scale = cuda.filter_scale_for("auto", h, w)
+        entry = {"filter_scale": scale, "ms_3x3": best_ms(lambda: cuda.blur(image, kernels, 1))}
+        entry["ms_tent"] = best_ms(lambda: cuda.blur(image, kernels, scale, "tent"))
+        cuda.BLOCK_SCAN_ELEMENTS = 1 << 62  # torch's cumsum everywhere: the code before the two-level scan
+        entry["ms_tent_torch_cumsum"] = best_ms(lambda: cuda.blur(image, kernels, scale, "tent"))
+        cuda.BLOCK_SCAN_ELEMENTS = block_scan
+        entry["ms_dilate"] = best_ms(lambda: cuda.blur(image, kernels, scale, "dilate"))
+        report["sizes"][f"{h}x{w}"] = entry
+        print(f"{h}x{w}", json.dumps(entry), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed_blur.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def blur_table() -> str:
+    rep = json.loads((RESULTS / "speed_blur.json").read_text())
+    lines = [f"CUDA's blur alone, one RGB image, {rep['machine']['cpu_threads']} CPU thread(s), {rep['machine']['cpu']}, best of 7 x 20 calls.",
+             "", "| image (H x W) | filter scale | 3x3 (ms) | scaled, tent (ms) | tent with torch's row cumsum (ms) | scaled, dilate (ms) |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for size, e in rep["sizes"].items():
+        lines.append(f"| {size} | {e['filter_scale']} | {e['ms_3x3']} | {e['ms_tent']} | {e['ms_tent_torch_cumsum']} | {e['ms_dilate']} |")
+    return "\n".join(lines)
+
+
 def table() -> str:
-    # before: commit a6d8fb3's code; filter_scale: the preset with filter_scale="auto" (Intel Xeon)
-    for name in ("speed_model_free_before.json", "speed_model_free.json", "speed_model_free_filter_scale.json"):
+    # before: commit a6d8fb3's code; filter_scale: the preset with filter_scale="auto"; block_scan: with the
+    # two-level row scan (both Intel Xeon)
+    for name in ("speed_model_free_before.json", "speed_model_free.json", "speed_model_free_filter_scale.json",
+                 "speed_model_free_block_scan.json"):
         if (RESULTS / name).exists():
             print(f"{name}:\n" + model_free_table(name) + "\n")
+    if (RESULTS / "speed_blur.json").exists():
+        print("speed_blur.json:\n" + blur_table() + "\n")
     rep = json.loads((RESULTS / "speed.json").read_text())
     lines = [
         f"{rep['images']} images of {rep['dataset']}, {rep['machine']['cpu_threads']} CPU threads, preset fast.",
@@ -250,11 +310,12 @@ def main(argv=None) -> None:
     p.add_argument("--model-free-out", default="speed_model_free.json", help="results file of --model-free")
     p.add_argument("--photos", type=int, default=300, help="photos per set in --model-free")
     p.add_argument("--repeats", type=int, default=3, help="timings per set and pass in --model-free (best kept)")
+    p.add_argument("--blur", action="store_true", help="CUDA's blur alone per photo size (results/speed_blur.json)")
     args = p.parse_args(argv)
     if args.table:
         print(table())
     else:
-        (run_model_free if args.model_free else run)(args)
+        (run_blur if args.blur else run_model_free if args.model_free else run)(args)
 
 
 if __name__ == "__main__":
