@@ -23,7 +23,13 @@ steps taken) and a victim trained on the protected split, both scored on the cle
 and best accuracy). Victims: ``--victims`` (default ``convnet,resnet20``), seed 0; small train splits get more
 epochs so that every victim takes about as many SGD steps as one on 8,000 images (at most 100 epochs).
 Method names as ``common.make_protector`` reads them (``sem+train_epochs=null`` is SEM with a fixed
-fit length). Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged
+fit length).
+
+``--protect-at N`` (a diagnostic, not a product path) protects each train image resized to N px and
+enlarges the protected image back to the variant's size (bicubic both ways); the method ``none`` then
+measures what the two resizes alone cost the victim. On enlarged images (``@64``) it asks whether a
+method's protection at the images' original size would survive at the larger one, and so whether a
+shortfall comes from the method at that size or from the victim. Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged
 with the file's other variants); ``--table`` prints the Markdown table.
 """
 
@@ -144,8 +150,9 @@ def run(args) -> dict:
         report["variants"][spec] = entry
         out.write_text(json.dumps(report, indent=2, default=float))  # the clean victims, for runs side by side
         for method in args.methods.split(","):
-            protector = make_protector(method, args.preset, 0)
-            protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet)
+            protector, protected, fit_s, map_s = protect(method, args, train, res)
+            if args.protect_at:
+                method = f"{method}@protect_at={args.protect_at}"
             px, _ = dataset_to_tensors(protected, res)
             row = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
                    "fit_steps": (getattr(protector, "fit_stats", None) or {}).get("steps"),
@@ -160,6 +167,20 @@ def run(args) -> dict:
             report["variants"][spec] = entry
             out.write_text(json.dumps(report, indent=2, default=float))  # after every method: a long run keeps its rows
     return report
+
+
+def protect(method: str, args, train: datasets.Dataset, res: int):
+    """(protector, protected train split, fit s, map s); with ``--protect-at`` through the smaller size and back."""
+    if not args.protect_at:
+        protector = make_protector(method, args.preset, 0)
+        return (protector, *fit_and_map(protector, train, progress=not args.quiet))
+    small = each_image(train, lambda im: im.resize((args.protect_at,) * 2, Image.BICUBIC), f"to {args.protect_at} px")
+    if method == "none":  # the resizes alone
+        protector, protected, fit_s, map_s = None, small, 0.0, 0.0
+    else:
+        protector = make_protector(method, args.preset, 0)
+        protected, fit_s, map_s = fit_and_map(protector, small, progress=not args.quiet)
+    return protector, each_image(protected, lambda im: im.resize((res, res), Image.BICUBIC), f"back to {res} px"), fit_s, map_s
 
 
 def table() -> str:
@@ -201,6 +222,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--suffix", default="", help="results file generalisation<suffix>.json (runs side by side)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--protect-at", type=int, default=0, metavar="N",
+                   help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     dispatch(p, run, table, argv)
 
 
