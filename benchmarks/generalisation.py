@@ -29,8 +29,10 @@ fit length).
 enlarges the protected image back to the variant's size (bicubic both ways); the method ``none`` then
 measures what the two resizes alone cost the victim. On enlarged images (``@64``) it asks whether a
 method's protection at the images' original size would survive at the larger one, and so whether a
-shortfall comes from the method at that size or from the victim. Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged
-with the file's other variants); ``--table`` prints the Markdown table.
+shortfall comes from the method at that size or from the victim.
+
+Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged with the file's
+other variants); ``--table`` prints the Markdown table.
 """
 
 from __future__ import annotations
