@@ -34,7 +34,7 @@ class EMConfig(MinMinConfig):
     """EM adds the choice between one noise per image and one per class."""
 
     noise_type: str = option("sample-wise", "one noise per image (sample-wise) or per class (class-wise)",
-                             choices=("sample-wise", "class-wise"))  # fmt: skip
+                             choices=NOISE_TYPES)  # fmt: skip
 
 
 PAPER = dict(
