@@ -78,6 +78,33 @@ def test_persistent_noise_starts_each_visit_where_the_last_one_ended(small_ds, m
             ue.EMProtect(noise_type="class-wise", persistent_noise=True)
 
 
+@pytest.mark.unit
+def test_final_pass_of_a_fit_image_starts_from_its_fit_noise(small_ds, tmp_path):
+    """final_from_fit_noise: a fit image's final pass starts from the noise the fit built for it (kept in the
+    protector, saved with it); an image the fit never saw starts from the uniform draw as before. Catches the
+    kept noise ignored at map (fit rows equal to the plain protector's), applied to the wrong rows (rows the
+    fit never saw differ) or lost on save (the reloaded protector's bytes differ)."""
+    fit_rows, other_rows = small_ds.select(range(24)), small_ds.select(range(24, 40))
+    fit = dict(SMALL_FIT, train_steps=4, train_batch_size=24, persistent_noise=True)
+    kept = ue.SEMProtect(seed=0, final_from_fit_noise=True, **fit).fit(fit_rows, progress=False)
+    plain = ue.SEMProtect(seed=0, **fit).fit(fit_rows, progress=False)
+
+    def pixels(p, ds):
+        return np.stack([np.asarray(im, np.int16) for im in ds.map(p, batched=True, load_from_cache_file=False)["image"]])
+
+    assert np.array_equal(pixels(kept, other_rows), pixels(plain, other_rows))  # same surrogate, same start
+    ours = pixels(kept, fit_rows)
+    assert (ours != pixels(plain, fit_rows)).mean() > 0.1  # measured 0.4
+    assert np.abs(ours - np.stack([np.asarray(im, np.int16) for im in fit_rows["image"]])).max() <= 8
+    # the kept noise is what the fit's last visit left (int8 steps of epsilon / 127)
+    where, _, levels = kept._runtime["map_start"]
+    assert len(where) == 24 and levels.dtype == torch.int8 and int(levels.abs().max()) == 127
+    again = ue.Protector.from_pretrained(kept.save_pretrained(tmp_path / "kept"))
+    assert np.array_equal(pixels(again, fit_rows), ours) and again.fingerprint == kept.fingerprint
+    with pytest.raises(ValueError, match="needs persistent_noise"):  # without it no noise is kept to start from
+        ue.SEMProtect(final_from_fit_noise=True, persistent_noise=False)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_victim_learns_the_shortcut_not_the_images(sample_ds):

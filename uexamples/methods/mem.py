@@ -147,8 +147,8 @@ class MEMProtect(MinMinProtector):
         indices = self._fit_rows(len(dataset))
         self._choose_resolution(dataset, columns.image, indices)
         # with triggers, the map finds each fit image's trigger again by its per-sample key (from the same decode)
-        keys_seed = int(self.config.seed) if self.config.text_triggers else None
-        split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress, keys_seed=keys_seed)
+        split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress,
+                           keys_seed=self._fit_keys_seed())  # fmt: skip
         texts = dataset.select(indices.tolist())[columns.text]
         tokens = self._tokens([caption_of(t, int(r)) for t, r in zip(texts, indices)])
         # the bank of negatives for the final pass: a seeded sample of training captions, kept with the protector
@@ -157,6 +157,9 @@ class MEMProtect(MinMinProtector):
         if split.keys is not None:
             self._runtime["fit_keys"] = split.keys
         return split.images, split.grey, tokens
+
+    def _fit_keys_seed(self) -> int | None:
+        return int(self.config.seed) if self.config.text_triggers else super()._fit_keys_seed()
 
     def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
         ids = self._tokens(batch.texts)

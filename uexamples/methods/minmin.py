@@ -80,6 +80,9 @@ class MinMinConfig(AdditiveConfig):
     persistent_noise: bool = option(False, "keep each fit image's noise from one visit to the next (the published EM loop's "
                                     "noise[index]) instead of a fresh uniform start per fit step; costs images x pixels x "
                                     "4 bytes of memory during the fit")  # fmt: skip
+    final_from_fit_noise: bool = option(False, "with persistent_noise: the final pass of a fit image starts from the noise "
+                                        "the fit built for it (the published EM loop outputs that noise) instead of "
+                                        "a uniform draw; the fitted protector then keeps that noise")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -192,6 +195,9 @@ class MinMinProtector(AdditiveProtector):
         for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
             if not float(getattr(cfg, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+        if cfg.final_from_fit_noise and not cfg.persistent_noise:
+            raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
+                             "it needs persistent_noise=True")  # fmt: skip
         acc = cfg.stop_at_train_accuracy
         if acc is not None and not 0 < float(acc) <= 1:
             raise ValueError(f"stop_at_train_accuracy must be None or in (0, 1], got {acc!r}")
@@ -281,11 +287,16 @@ class MinMinProtector(AdditiveProtector):
             self._set_rule("resolution", f"{self.default_resolution} px grid ({why})")
 
 
+    MAP_START_KEYS, MAP_START_NOISE = "map_start.keys", "map_start.noise"
+
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(self._runtime.get("arrays_cache") or {})
         if not arrays:
             arrays = self._runtime["surrogate"].state_arrays()
             self._runtime["arrays_cache"] = arrays
+        start = self._runtime.get("map_start")
+        if start is not None:
+            arrays = {**arrays, self.MAP_START_KEYS: start[1].numpy(), self.MAP_START_NOISE: start[2].numpy()}
         return arrays
 
     def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> Surrogate:
@@ -293,6 +304,10 @@ class MinMinProtector(AdditiveProtector):
         return Surrogate.build(spec, self.num_classes, trust_remote_code=self.config.trust_remote_code)
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        arrays = dict(arrays)
+        keys, levels = arrays.pop(self.MAP_START_KEYS, None), arrays.pop(self.MAP_START_NOISE, None)
+        if keys is not None and levels is not None:
+            self._set_map_start(torch.from_numpy(np.array(keys)), torch.from_numpy(np.array(levels)))
         surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
@@ -371,7 +386,7 @@ class MinMinProtector(AdditiveProtector):
         dev = self.device
         x, y = x.to(dev), self.targets_for(batch).to(dev)
         rnd = SampleRandom(batch.keys)
-        delta = self.initial_noise(x, rnd, grey)
+        delta = self._map_start_noise(batch, x, self.initial_noise(x, rnd, grey), grey)
         cfg = self.config
         return self.noise_phase(model, x, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey).cpu()
 
@@ -386,8 +401,11 @@ class MinMinProtector(AdditiveProtector):
     def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
         indices = self._fit_rows(len(dataset))
         self._choose_resolution(dataset, columns.image, indices)
-        split = load_split(dataset, columns.image, self.working_resolution(), columns.label, indices, progress)
+        split = load_split(dataset, columns.image, self.working_resolution(), columns.label, indices, progress,
+                           keys_seed=self._fit_keys_seed())  # fmt: skip
         self._check_labels(split.labels.tolist(), indices.tolist())
+        if split.keys is not None:
+            self._runtime["fit_keys"] = split.keys
         return split.images, split.grey, split.labels
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
@@ -459,10 +477,42 @@ class MinMinProtector(AdditiveProtector):
         model.eval()
         self._runtime.pop("dp", None)
         self._runtime.pop("fit_step", None)
-        self._runtime.pop("fit_noise", None)  # the map recomputes each image's noise against the final surrogate
+        self._keep_fit_noise_for_map()
         self._finish_fit(model, x_all, y_all, grey_all, gen)
         if ckpt is not None:
             ckpt.remove()
+
+    def _fit_keys_seed(self) -> int | None:
+        """The seed of the fit images' sample keys when the map must find a fit image again (``final_from_fit_noise``;
+        MEM's text triggers too), else None (no keys computed)."""
+        return int(self.config.seed) if self.config.final_from_fit_noise else None
+
+    def _keep_fit_noise_for_map(self) -> None:
+        """After the fit: drop the persistent noise, or with ``final_from_fit_noise`` keep it, indexed by each fit
+        image's sample key, as where the map's final pass starts for that image."""
+        store, keys = self._runtime.pop("fit_noise", None), self._runtime.get("fit_keys")
+        if store is None or keys is None or not self.config.final_from_fit_noise:
+            return
+        # kept as int8 steps of epsilon / 127 (a quarter of the memory, and what save_pretrained writes, so a
+        # reloaded protector starts from exactly the same noise)
+        scale = 127 / float(self.config.epsilon)
+        self._set_map_start(keys, (store * scale).round().clamp(-127, 127).to(torch.int8))
+
+    def _set_map_start(self, keys: torch.Tensor, levels: torch.Tensor) -> None:
+        self._runtime["map_start"] = ({int(k): i for i, k in enumerate(keys.tolist())}, keys, levels)
+
+    def _map_start_noise(self, batch: ProtectBatch, x: torch.Tensor, delta: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
+        """``delta`` with the rows of fit images replaced by the noise their fit built (``final_from_fit_noise``)."""
+        start = self._runtime.get("map_start")
+        if start is None:
+            return delta
+        where, _, levels = start
+        found = [(i, where[k]) for i, k in enumerate(batch.keys) if k in where]
+        if found:
+            rows, fit_rows = (list(t) for t in zip(*found))
+            kept = levels[fit_rows].to(torch.float32) * (float(self.config.epsilon) / 127)
+            delta[rows] = self.project(kept.to(x.device), x[rows], grey[rows])
+        return delta
 
     def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of a tensor over the processes of a data-parallel fit (itself on one process)."""
