@@ -21,9 +21,10 @@ Where this differs from the published code, and why:
 - the final pass run by ``map`` contrasts each image with a fixed bank of ``map_negatives`` training
   captions instead of the other rows of its map batch, so an image's noise does not depend on which
   rows it is mapped with (same seed, same bytes, on any batch size or number of processes);
-- the published loop outputs the noise it kept for each image (``noise[index]``); here the final pass of a
-  fit image starts from that noise (``final_from_fit_noise``, both presets: the protector keeps it, int8,
-  3 KB per fit image on the 32 px grid) and an image the fit never saw starts from a seeded uniform draw.
+- the published loop outputs the noise it kept for each image (``noise[index]``); with ``final_from_fit_noise``
+  (the ``paper`` preset) the final pass of a fit image starts from that noise (the protector keeps it, int8,
+  3 KB per fit image on the 32 px grid) and an image the fit never saw from a seeded uniform draw; ``fast``
+  starts every image from the draw (measured: no clear gain on fresh fits).
 
 The default surrogate (``"conv-clip"``) is a small CLIP trained from scratch during the fit (tiny conv
 net image tower, 2-layer transformers text tower, word-level vocabulary built from the captions): it needs
@@ -93,12 +94,13 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
 # Flickr's 800 pairs); then the triggers stay and the noise and the surrogate bind to them: the surrogate
 # matched 0.82-0.94 of its noisy pairs at the end instead of 0.11-0.33, and over three fits the victims kept
 # 0.43 / 0.35 of the clean recall instead of about 0.7 / 0.6 (same README, "Triggers that stay put").
-# The map's final pass of a fit image starts from the noise the fit bound to its trigger, as the published
-# loop outputs it, instead of a fresh draw (same README, "The noise the fit built").
+# The map's final pass starts from a fresh draw: starting a fit image's from the noise its fit built (as the
+# published loop outputs it; the paper preset does) did better on the three fits it was chosen on and missed
+# the 0.4 set for it on three fresh fits (0.41 / 0.41; same README, "The noise the fit built").
 FAST = dict(
     train_steps=250, train_epochs=20, min_train_steps=20, train_batch_size=64, lr=1e-3, weight_decay=0.1,
     lr_decay_every=100_000, noise_steps=5, eot_draws=2, step_size=2 / 255, final_noise_steps=20, final_eot_draws=2,
-    trigger_search=0.25, final_from_fit_noise=True,
+    trigger_search=0.25,
 )
 
 
