@@ -82,8 +82,8 @@ class MinMinConfig(AdditiveConfig):
                                     "4 bytes of memory during the fit")  # fmt: skip
     final_from_fit_noise: bool = option(False, "with persistent_noise: the final pass of a fit image starts from the noise "
                                         "the fit built for it (the published EM loop outputs that noise) instead of "
-                                        "a uniform draw; the fitted protector then keeps that noise (1 byte per fit image pixel and "
-                                        "channel of the working grid, saved with it)")  # fmt: skip
+                                        "a uniform draw; the fitted protector then keeps that noise (1 byte per fit "
+                                        "image pixel and channel of the working grid, saved with it)")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
