@@ -131,3 +131,20 @@ def tiny_clip_folder(tmp_path_factory):
     tok.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return str(path)
+
+
+def rename_saved_arrays(folder: Path, renames: dict[str, str]) -> None:
+    """Rewrite a saved protector's arrays under other names, with the digest its save would have written
+    (a protector saved by an older version)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from uexamples.core.protector import CONFIG_NAME, WEIGHTS_NAME, _digest
+
+    arrays = load_file(str(folder / WEIGHTS_NAME))
+    assert set(renames) <= set(arrays), sorted(arrays)
+    save_file({renames.get(k, k): v for k, v in arrays.items()}, str(folder / WEIGHTS_NAME))
+    state = json.loads((folder / CONFIG_NAME).read_text())
+    state["integrity"] = _digest(state, (folder / WEIGHTS_NAME).read_bytes())
+    (folder / CONFIG_NAME).write_text(json.dumps(state, indent=2, sort_keys=True))

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import captioned, shared_dataset, tiny_clip_folder  # noqa: F401  (a fixture)
+from helpers import captioned, rename_saved_arrays, shared_dataset, tiny_clip_folder  # noqa: F401  (a fixture)
 
 import uexamples as ue
 from uexamples.evaluation.retrieval import RetrievalError, chance_levels, retrieval_metrics
@@ -206,6 +206,10 @@ def test_text_triggers_rewrite_captions_consistently_and_the_card_says_so(tmp_pa
     again = pairs.map(ue.Protector.from_pretrained(tmp_path / "p"), batched=True)
     assert again["caption"] == out["caption"]
     assert all((a == b).all() for a, b in zip(_pixels(out), _pixels(again)))
+    # saved before the fit keys moved to the engine (2026-12-06): the same triggers are found again
+    rename_saved_arrays(tmp_path / "p", {"fit_keys": "mem.fit_keys"})
+    old = pairs.map(ue.Protector.from_pretrained(tmp_path / "p"), batched=True)
+    assert old["caption"] == out["caption"] and all((a == b).all() for a, b in zip(_pixels(out), _pixels(old)))
     unseen = captioned(3, seed=9)
     first, second = unseen.map(protector, batched=True), unseen.map(protector, batched=True)
     assert first["caption"] == second["caption"] != unseen["caption"]
@@ -246,7 +250,7 @@ def test_fit_images_start_their_final_pass_from_the_noise_their_fit_built(pairs,
     not saying what they say."""
     assert ue.MEMProtect(preset="paper").config.final_from_fit_noise and not fitted.config.final_from_fit_noise
     kept = ue.MEMProtect(seed=3, final_from_fit_noise=True, **TINY_MEM).fit(pairs, progress=False)
-    assert "map_start" not in fitted._runtime and len(kept._runtime["map_start"][0]) == len(pairs)
+    assert "map_start" not in fitted._runtime and len(kept._runtime["map_start"]) == len(pairs)
     unseen = captioned(4, seed=9)
     assert all((a == b).all() for a, b in zip(_pixels(unseen.map(fitted, batched=True)), _pixels(unseen.map(kept, batched=True))))
     ours = _pixels(pairs.map(kept, batched=True))

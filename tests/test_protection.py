@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import rename_saved_arrays
 import uexamples as ue
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
@@ -97,10 +98,15 @@ def test_final_pass_of_a_fit_image_starts_from_its_fit_noise(small_ds, tmp_path)
     assert (ours != pixels(plain, fit_rows)).mean() > 0.1  # measured 0.4
     assert np.abs(ours - np.stack([np.asarray(im, np.int16) for im in fit_rows["image"]])).max() <= 8
     # the kept noise is what the fit's last visit left (int8 steps of epsilon / 127)
-    where, _, levels = kept._runtime["map_start"]
-    assert len(where) == 24 and levels.dtype == torch.int8 and int(levels.abs().max()) == 127
+    levels = kept._runtime["map_start"]  # rows as the fit's sample keys
+    assert len(kept._runtime["fit_keys"]) == len(levels) == 24
+    assert levels.dtype == torch.int8 and int(levels.abs().max()) == 127
     again = ue.Protector.from_pretrained(kept.save_pretrained(tmp_path / "kept"))
     assert np.array_equal(pixels(again, fit_rows), ours) and again.fingerprint == kept.fingerprint
+    # a protector saved before the fit keys moved to the engine (2026-12-06) loads to the same protector
+    rename_saved_arrays(tmp_path / "kept", {"fit_keys": "map_start.keys"})
+    old = ue.Protector.from_pretrained(tmp_path / "kept")
+    assert np.array_equal(pixels(old, fit_rows), ours) and old.fingerprint == kept.fingerprint
     with pytest.raises(ValueError, match="needs persistent_noise"):  # without it no noise is kept to start from
         ue.SEMProtect(final_from_fit_noise=True, persistent_noise=False)
 

@@ -190,18 +190,14 @@ class MEMProtect(MinMinProtector):
 
     def _triggers_of(self, batch: ProtectBatch) -> torch.Tensor:
         """Each image's trigger: the one fitted for it (found by its per-sample key), else a seeded draw."""
-        table = self._runtime.get("trigger_table")
-        if table is None:
-            keys, trig = self._runtime["fit_keys"].tolist(), self._runtime["triggers"]
-            table = self._runtime["trigger_table"] = {k: trig[i] for i, k in enumerate(keys)}
-        vocab = self._trigger_vocabulary()
+        fitted, vocab = self._runtime["triggers"], self._trigger_vocabulary()
         out = []
-        for key in batch.keys:
-            found = table.get(key)
-            if found is None:  # an image the fit never saw: a random trigger, the noise binds to it all the same
+        for key, row in zip(batch.keys, self._fit_rows_of(batch.keys)):
+            if row is None:  # an image the fit never saw: a random trigger, the noise binds to it all the same
                 draw = np.random.default_rng(key).integers(0, len(vocab), int(self.config.text_triggers))
-                found = vocab[torch.from_numpy(draw)]
-            out.append(found)
+                out.append(vocab[torch.from_numpy(draw)])
+            else:
+                out.append(fitted[row])
         return torch.stack(out)
 
     def changed_captions(self, batch: ProtectBatch) -> list[Any] | None:
@@ -399,17 +395,17 @@ class MEMProtect(MinMinProtector):
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = {**super()._fitted_arrays(), "mem.bank_tokens": self._runtime["bank_tokens"].numpy()}
-        if self.config.text_triggers:
-            arrays.update({"mem.fit_keys": self._runtime["fit_keys"].numpy(), "mem.triggers": self._runtime["triggers"].numpy()})
+        if self.config.text_triggers:  # rows as the engine's fit_keys
+            arrays["mem.triggers"] = self._runtime["triggers"].numpy()
         return arrays
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         arrays = dict(arrays)
-        mine = {k: torch.from_numpy(np.array(arrays.pop(k))) for k in list(arrays) if k.startswith("mem.")}
-        super()._load_fitted(meta, arrays)
+        mine = {k: torch.from_numpy(np.array(arrays.pop(k))) for k in ("mem.bank_tokens", "mem.triggers") if k in arrays}
+        super()._load_fitted(meta, arrays)  # the fit keys too (saved as "mem.fit_keys" before 2026-12-06)
         self._runtime["bank_tokens"] = mine["mem.bank_tokens"]
         if "mem.triggers" in mine:
-            self._runtime["fit_keys"], self._runtime["triggers"] = mine["mem.fit_keys"], mine["mem.triggers"]
+            self._runtime["triggers"] = mine["mem.triggers"]
         self._map_bank = None
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import datasets
 import numpy as np
@@ -288,17 +288,22 @@ class MinMinProtector(AdditiveProtector):
             self._set_rule("resolution", f"{self.default_resolution} px grid ({why})")
 
 
-    MAP_START_KEYS, MAP_START_NOISE = "map_start.keys", "map_start.noise"
+    # the fit images' sample keys (saved when a method needs to find a fit image again in the map: MEM's triggers,
+    # ``final_from_fit_noise``); the names before 2026-12-06 are still read
+    FIT_KEYS, FIT_KEYS_BEFORE = "fit_keys", ("map_start.keys", "mem.fit_keys")
+    MAP_START_NOISE = "map_start.noise"
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(self._runtime.get("arrays_cache") or {})
         if not arrays:
             arrays = self._runtime["surrogate"].state_arrays()
             self._runtime["arrays_cache"] = arrays
-        start = self._runtime.get("map_start")
-        if start is not None:
-            arrays = {**arrays, self.MAP_START_KEYS: start[1].numpy(), self.MAP_START_NOISE: start[2].numpy()}
-        return arrays
+        extra = {}
+        if self._runtime.get("fit_keys") is not None:
+            extra[self.FIT_KEYS] = self._runtime["fit_keys"].numpy()
+        if self._runtime.get("map_start") is not None:
+            extra[self.MAP_START_NOISE] = self._runtime["map_start"].numpy()
+        return {**arrays, **extra}
 
     def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> Surrogate:
         """The surrogate a fit trains: a classifier over the dataset's classes (a contrastive method overrides it)."""
@@ -306,13 +311,16 @@ class MinMinProtector(AdditiveProtector):
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         arrays = dict(arrays)
-        keys, levels = arrays.pop(self.MAP_START_KEYS, None), arrays.pop(self.MAP_START_NOISE, None)
-        if keys is not None and levels is not None:
-            self._set_map_start(torch.from_numpy(np.array(keys)), torch.from_numpy(np.array(levels)))
+        saved_keys = [arrays.pop(name) for name in (self.FIT_KEYS, *self.FIT_KEYS_BEFORE) if name in arrays]
+        levels = arrays.pop(self.MAP_START_NOISE, None)
         surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
                              rules=dict(meta.get("rules") or {}))  # fmt: skip
+        if saved_keys:
+            self._runtime["fit_keys"] = torch.from_numpy(np.array(saved_keys[0]))
+        if levels is not None:
+            self._runtime["map_start"] = torch.from_numpy(np.array(levels))
 
     # ------------------------------------------------------------------ hooks
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -497,18 +505,24 @@ class MinMinProtector(AdditiveProtector):
         # kept as int8 steps of epsilon / 127 (a quarter of the memory, and what save_pretrained writes, so a
         # reloaded protector starts from exactly the same noise)
         scale = 127 / float(self.config.epsilon)
-        self._set_map_start(keys, (store * scale).round().clamp(-127, 127).to(torch.int8))
+        self._runtime["map_start"] = (store * scale).round().clamp(-127, 127).to(torch.int8)  # rows as fit_keys
 
-    def _set_map_start(self, keys: torch.Tensor, levels: torch.Tensor) -> None:
-        self._runtime["map_start"] = ({int(k): i for i, k in enumerate(keys.tolist())}, keys, levels)
+    def _fit_rows_of(self, keys: Sequence[int]) -> list[int | None]:
+        """Each sample key's row in the fit set (None for an image the fit never saw), by a map built once
+        from ``fit_keys``; what finds a fit image's start noise (and MEM's trigger) again in the map."""
+        where = self._runtime.get("fit_row_of_key")
+        if where is None:
+            fit_keys = self._runtime.get("fit_keys")
+            known = [] if fit_keys is None else fit_keys.tolist()
+            where = self._runtime["fit_row_of_key"] = {int(k): i for i, k in enumerate(known)}
+        return [where.get(int(k)) for k in keys]
 
     def _map_start_noise(self, batch: ProtectBatch, x: torch.Tensor, delta: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
         """``delta`` with the rows of fit images replaced by the noise their fit built (``final_from_fit_noise``)."""
-        start = self._runtime.get("map_start")
-        if start is None:
+        levels = self._runtime.get("map_start")
+        if levels is None:
             return delta
-        where, _, levels = start
-        found = [(i, where[k]) for i, k in enumerate(batch.keys) if k in where]
+        found = [(i, r) for i, r in enumerate(self._fit_rows_of(batch.keys)) if r is not None]
         if found:
             rows, fit_rows = (list(t) for t in zip(*found))
             kept = levels[fit_rows].to(torch.float32) * (float(self.config.epsilon) / 127)
