@@ -229,9 +229,9 @@ class MEMProtect(MinMinProtector):
         if search < 1:
             return [changed, f"The trigger words were searched during the first {100 * search:g} % of the fit and then kept. "
                     "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, the fast preset: 3 trigger words "
-                    "searched during the first 25 %): over three fits the model kept 0.40-0.49 (image-to-text) and "
-                    "0.34-0.37 (text-to-image) of its clean retrieval recall above chance. Check it on your own data "
-                    "(uexamples evaluate)."]  # fmt: skip
+                    "searched during the first 25 %): over six fits the model kept 0.32-0.49 (image-to-text) and "
+                    "0.34-0.44 (text-to-image) of its clean retrieval recall above chance, 0.40 and 0.38 on average. "
+                    "Check it on your own data (uexamples evaluate)."]  # fmt: skip
         return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
                 "through the whole fit): how much of its retrieval recall this removed varied from one fit of the protection "
                 "to the next, from most of the way to chance to none. Treat it as uncertain and check it on your own data "
