@@ -52,7 +52,6 @@ import torch
 
 from ..core.batch import ProtectBatch, caption_of
 from ..core.columns import Columns
-from ..core.loading import load_split
 from ..core.options import check_int, option
 from ..core.registry import register_method
 from ..logging import get_logger
@@ -152,18 +151,13 @@ class MEMProtect(MinMinProtector):
         return encode_captions(self._runtime["surrogate"].tokenizer, captions, int(self.config.captions_per_image))
 
     def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
-        indices = self._fit_rows(len(dataset))
-        self._choose_resolution(dataset, columns.image, indices)
         # with triggers, the map finds each fit image's trigger again by its per-sample key (from the same decode)
-        split = load_split(dataset, columns.image, self.working_resolution(), None, indices, progress,
-                           keys_seed=self._fit_keys_seed())  # fmt: skip
+        split, indices = self._load_fit_split(dataset, columns.image, None, progress)
         texts = dataset.select(indices.tolist())[columns.text]
         tokens = self._tokens([caption_of(t, int(r)) for t, r in zip(texts, indices)])
         # the bank of negatives for the final pass: a seeded sample of training captions, kept with the protector
         pick = np.sort(np.random.default_rng(self.config.seed).permutation(len(tokens))[: int(self.config.map_negatives)])
         self._runtime["bank_tokens"], self._runtime["bank_rows"] = tokens[pick], torch.from_numpy(pick)
-        if split.keys is not None:
-            self._runtime["fit_keys"] = split.keys
         return split.images, split.grey, tokens
 
     def _fit_keys_seed(self) -> int | None:

@@ -407,14 +407,20 @@ class MinMinProtector(AdditiveProtector):
             return np.sort(np.random.default_rng(self.config.seed).choice(n, size=limit, replace=False))
         return np.arange(n)
 
-    def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
+    def _load_fit_split(self, dataset: datasets.Dataset, image_column: str, label_column: str | None, progress: bool):
+        """The fit rows' images at the working resolution (chosen here), their labels if a column is named, and,
+        when the map must find a fit image again, their sample keys (kept as ``fit_keys``); returns (split, rows)."""
         indices = self._fit_rows(len(dataset))
-        self._choose_resolution(dataset, columns.image, indices)
-        split = load_split(dataset, columns.image, self.working_resolution(), columns.label, indices, progress,
+        self._choose_resolution(dataset, image_column, indices)
+        split = load_split(dataset, image_column, self.working_resolution(), label_column, indices, progress,
                            keys_seed=self._fit_keys_seed())  # fmt: skip
-        self._check_labels(split.labels.tolist(), indices.tolist())
         if split.keys is not None:
             self._runtime["fit_keys"] = split.keys
+        return split, indices
+
+    def _load_training_tensors(self, dataset: datasets.Dataset, columns: Columns, progress: bool):
+        split, indices = self._load_fit_split(dataset, columns.image, columns.label, progress)
+        self._check_labels(split.labels.tolist(), indices.tolist())
         return split.images, split.grey, split.labels
 
     def _fit(self, dataset: datasets.Dataset, columns: Columns, progress: bool) -> None:
