@@ -196,7 +196,8 @@ def test_bad_options_and_mixed_sizes_at_native_resolution(sample_ds):
 
 def test_fit_length_follows_the_dataset_size(scans):
     p = ue.SALMProtect(seed=0)  # fast preset: 30 epochs, at least 20 steps, at most 400
-    assert p.planned_train_steps(546) == 128 and p.planned_train_steps(50_000) == 400
+    assert p.planned_train_steps(546) == 128 and p.planned_train_steps(20_000) == 400
+    assert p.planned_train_steps(50_000) == 938  # 400 steps are one epoch of 50,000: raised to 2.4 epochs
     assert p.planned_train_steps(20) == 30  # a batch smaller than 128: one step per epoch
     assert ue.SALMProtect(train_epochs=2).planned_train_steps(300) == 20  # the floor
     small = ue.SALMProtect(seed=0, train_epochs=2, min_train_steps=2, train_batch_size=64, final_noise_steps=1)

@@ -62,6 +62,9 @@ class MinMinConfig(AdditiveConfig):
     train_epochs: float | None = option(None, "fit length that follows the data: ceil(train_epochs * images / "
                                         "train_batch_size) steps, at least min_train_steps, at most train_steps")  # fmt: skip
     min_train_steps: int = option(20, "the fewest fit steps the train_epochs rule gives (a tiny set still fits)")
+    min_train_epochs: float | None = option(None, "with train_epochs set, the train_steps cap is raised to at least "
+                                            "this many epochs (a cap in steps is under one epoch of a large set, "
+                                            "and the surrogate never learns the noise)")  # fmt: skip
     train_batch_size: int = option(128, "images per fit step")
     lr: float = option(0.1, "surrogate SGD learning rate")
     momentum: float = option(0.9, "surrogate SGD momentum")
@@ -188,8 +191,10 @@ class MinMinProtector(AdditiveProtector):
         check_int(cfg, "max_fit_samples", optional=True)
         check_int(cfg, "min_train_steps")
         check_int(cfg, "native_up_to", minimum=0)
-        if cfg.train_epochs is not None and not float(cfg.train_epochs) > 0:
-            raise ValueError(f"train_epochs must be None or > 0, got {cfg.train_epochs!r}")
+        for name in ("train_epochs", "min_train_epochs"):
+            value = getattr(cfg, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name} must be None or > 0, got {value!r}")
         for name in ("lr", "step_size"):
             if not float(getattr(cfg, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
@@ -209,20 +214,34 @@ class MinMinProtector(AdditiveProtector):
 
     def planned_train_steps(self, images: int) -> int:
         """Fit steps for ``images`` training images: ``train_steps``, or with ``train_epochs`` set the rule
-        ceil(train_epochs * images / train_batch_size) clipped to [min_train_steps, train_steps], so that
-        a fit on 500 images costs a fraction of one on 50,000.
+        ceil(train_epochs * images / train_batch_size) clipped to [min_train_steps, cap], so that a fit on
+        500 images costs a fraction of one on 50,000. The cap is ``train_steps``, raised to
+        ``min_train_epochs`` worth of steps where that is more (EM's 150-step cap is under one epoch of
+        20,000 images: victims kept 0.58 of clean accuracy, against 0.19 with 2.4 epochs).
 
         >>> from uexamples.methods.em import EMProtect
-        >>> p = EMProtect(train_epochs=10, train_steps=400, min_train_steps=20, train_batch_size=128)
+        >>> p = EMProtect(train_epochs=10, train_steps=400, min_train_steps=20, min_train_epochs=None, train_batch_size=128)
         >>> p.planned_train_steps(500), p.planned_train_steps(50), p.planned_train_steps(50_000)
         (40, 20, 400)
+        >>> EMProtect().planned_train_steps(8_000), EMProtect().planned_train_steps(50_000)  # 2.4 epochs: 938 > 150
+        (150, 938)
         """
+        return self._fit_length(images)[0]
+
+    def _fit_length(self, images: int) -> tuple[int, int]:
+        """(fit steps, the cap they were clipped to) for ``images`` images; see ``planned_train_steps``."""
         cfg = self.config
         if cfg.train_epochs is None:
-            return int(cfg.train_steps)
+            return int(cfg.train_steps), int(cfg.train_steps)
         bs = min(int(cfg.train_batch_size), max(1, images))
-        steps = math.ceil(float(cfg.train_epochs) * images / bs)
-        return int(min(int(cfg.train_steps), max(int(cfg.min_train_steps), steps)))
+
+        def steps_for(epochs: float) -> int:  # the 1e-9 keeps 2.4 epochs of 8,000 at 150 steps, not 151
+            return math.ceil(float(epochs) * images / bs - 1e-9)
+
+        cap = int(cfg.train_steps)
+        if cfg.min_train_epochs is not None:
+            cap = max(cap, steps_for(cfg.min_train_epochs))
+        return int(min(cap, max(int(cfg.min_train_steps), steps_for(cfg.train_epochs)))), cap
 
     # ------------------------------------------------------------------ state
     def native_limit(self) -> int | None:
@@ -443,10 +462,11 @@ class MinMinProtector(AdditiveProtector):
         bs = min(cfg.train_batch_size, n)
         bs -= bs % dp.shards  # equal shards
         rows = dp.local_rows(bs)
-        total = self.planned_train_steps(n)
+        total, cap = self._fit_length(n)
         if cfg.train_epochs is not None:
+            raised = f"; cap {cfg.train_steps} raised to min_train_epochs={cfg.min_train_epochs:g}" if cap > cfg.train_steps else ""
             self._set_rule("fit_steps", f"{total} (train_epochs={cfg.train_epochs:g} over {n} images in batches of "
-                                        f"{min(int(cfg.train_batch_size), n)}, within [{cfg.min_train_steps}, {cfg.train_steps}])")  # fmt: skip
+                                        f"{min(int(cfg.train_batch_size), n)}, within [{cfg.min_train_steps}, {cap}]{raised})")  # fmt: skip
         state = FitState(model, opt, sched, gen, order=torch.randperm(n, generator=gen))
         started, ckpt = time.time(), None
         if self._checkpoint is not None:

@@ -95,7 +95,7 @@ PAPER = dict(
 # benchmarks/README.md, "Medical images: SALM". The paper preset has not been measured (GPU-sized).
 FAST = dict(
     mask_rule="intensity", persistent_noise=True, mask_ratio=0.2, surrogate="tinycnn", train_steps=400, train_epochs=30,
-    min_train_steps=20, train_batch_size=128, lr=0.1, lr_decay_every=100_000, noise_steps=2, eot_draws=1,
+    min_train_steps=20, min_train_epochs=2.4, train_batch_size=128, lr=0.1, lr_decay_every=100_000, noise_steps=2, eot_draws=1,
     step_size=2 / 255, final_noise_steps=20, final_eot_draws=1, stop_at_train_accuracy=0.99, resolution=NATIVE,
 )
 
