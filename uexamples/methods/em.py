@@ -44,7 +44,7 @@ PAPER = dict(
 )
 # fit length: 30 epochs, at least 20 steps, at most 150 (SEM's rule; 150 from 640 images up), and never under
 # 2.4 epochs (150 steps of 8,000 images, where it was tuned): capped at 150 steps, 20,000 images kept 0.58 of
-# clean accuracy, 0.19 with 375 steps (benchmarks/README.md, "A floor in epochs above the cap")
+# clean accuracy, 0.16-0.19 with 375 steps (benchmarks/README.md, "A floor in epochs above the cap")
 FAST = dict(
     surrogate="tinycnn", train_steps=150, train_epochs=30, min_train_steps=20, min_train_epochs=2.4, train_batch_size=128, lr=0.1, lr_decay_every=100_000,
     noise_steps=5, eot_draws=1, step_size=2 / 255, final_noise_steps=20, final_eot_draws=1,
