@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, machine_info, make_protector
-from uexamples.evaluation import dataset_quality, dataset_to_tensors, train_victim
+from uexamples.evaluation import dataset_quality, dataset_to_tensors, parse_countermeasure, train_victim
 
 REFERENCE_IMAGES = 8000  # victims on smaller splits train for proportionally more epochs
 
@@ -110,6 +110,12 @@ def victim_epochs(base_epochs: int, images: int) -> int:
     return int(min(100, max(base_epochs, math.ceil(base_epochs * REFERENCE_IMAGES / images))))
 
 
+def victim_spec(name: str) -> dict:
+    """``convnet`` or ``convnet@orthogonal`` (a victim under a countermeasure) -> train_victim's arguments."""
+    arch, _, countermeasure = name.partition("@")
+    return {"arch": arch, "countermeasure": parse_countermeasure(countermeasure) if countermeasure else None}
+
+
 def measured_clean(spec: str, arch: str, epochs: int) -> dict | None:
     """The clean victim of this variant and recipe if a results file already holds it (runs side by side
     write different files; the seeded 1-thread victim gives the same numbers every time)."""
@@ -143,8 +149,8 @@ def run(args) -> dict:
             if measured is not None:
                 entry["clean"][arch] = measured  # deterministic: measured once for this recipe, in any results file
             else:
-                r = train_victim(clean_x, clean_y, test_x, test_y, arch=arch, epochs=epochs, seed=0, progress=not args.quiet,
-                                 desc=f"{spec} clean {arch}")  # fmt: skip
+                r = train_victim(clean_x, clean_y, test_x, test_y, epochs=epochs, seed=0, progress=not args.quiet,
+                                 desc=f"{spec} clean {arch}", **victim_spec(arch))  # fmt: skip
                 entry["clean"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
             print(f"[{spec}] clean {arch}: {entry['clean'][arch]['final']:.4f}", flush=True)
         if old:
@@ -158,10 +164,12 @@ def run(args) -> dict:
             px, _ = dataset_to_tensors(protected, res)
             row = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
                    "fit_steps": (getattr(protector, "fit_stats", None) or {}).get("steps"),
+                   # the surrogate's running accuracy on the noisy fit batches at the end: did the noise become a shortcut?
+                   "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
             for arch in victims:
-                r = train_victim(px, clean_y, test_x, test_y, arch=arch, epochs=epochs, seed=0, progress=not args.quiet,
-                                 desc=f"{spec} {method} {arch}")  # fmt: skip
+                r = train_victim(px, clean_y, test_x, test_y, epochs=epochs, seed=0, progress=not args.quiet,
+                                 desc=f"{spec} {method} {arch}", **victim_spec(arch))  # fmt: skip
                 row["victims"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
                 print(f"[{spec}] {method} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
                       f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
@@ -217,7 +225,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default="cifar10-10k@n500,cifar10-10k@n2000")
     p.add_argument("--methods", default="sem,em")
     p.add_argument("--preset", default="fast")
-    p.add_argument("--victims", default="convnet,resnet20")
+    p.add_argument("--victims", default="convnet,resnet20",
+                   help="victim architectures; ARCH@COUNTERMEASURE trains it under a countermeasure (convnet@orthogonal)")
     p.add_argument("--suite", default="tune", choices=("tune", "confirm"),
                    help="which suite the variants belong to: presets are chosen on 'tune' and only measured on 'confirm'")
     p.add_argument("--epochs", type=int, default=12, help="victim epochs on 8,000 images (more on smaller splits)")

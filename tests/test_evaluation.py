@@ -150,10 +150,32 @@ def test_partial_protection_mixes_exactly_the_fraction():
 
 
 @pytest.mark.unit
+def test_orthogonal_projection_removes_class_patterns_and_keeps_the_rest():
+    gen = torch.Generator().manual_seed(0)
+    n, k = 600, 4
+    y = torch.arange(n) % k
+    patterns = (torch.rand(k, 3, 16, 16, generator=gen) * 2 - 1) * 8 / 255
+    images = torch.rand(n, 3, 16, 16, generator=gen) * 0.6 + 0.2
+    out = parse_countermeasure("orthogonal").preprocess_labelled(images + patterns[y], y, torch.Generator().manual_seed(0))
+
+    def pattern_share(x):  # how much of each class's pattern its mean image still carries
+        means = torch.stack([x[y == c].mean(0) - x.mean(0) for c in range(k)])
+        centred = patterns - patterns.mean(0)
+        return float((means * centred).sum() / (centred * centred).sum())
+
+    assert pattern_share(images + patterns[y]) > 0.95
+    assert abs(pattern_share(out)) < 0.15  # a projection that did nothing (or the wrong span) keeps ~1
+    # only a k-dimensional span is removed: the images are otherwise the same
+    residual = (out - (images + patterns[y])).reshape(n, -1)
+    assert torch.linalg.matrix_rank(residual, atol=1e-4) <= k
+    assert parse_countermeasure("orthogonal:5").label == "orthogonal,epochs=5"
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec, message",
     [("sharpen", "unknown countermeasure"), ("jpeg:0", "quality"), ("adv:8/255,foo=1", "no parameter"),
-     ("partial:2", "fraction"), ("blur:x", "not a number"), ("frame:1.5", "level")],
+     ("partial:2", "fraction"), ("blur:x", "not a number"), ("frame:1.5", "level"), ("orthogonal:0", "epochs")],
 )  # fmt: skip
 def test_bad_countermeasures(spec, message):
     with pytest.raises(CountermeasureError, match=message):

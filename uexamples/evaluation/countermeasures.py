@@ -7,6 +7,9 @@ step. Two kinds:
   friends): ``grayscale``, ``jpeg:Q``, ``bitdepth:B``, ``blur:SIGMA``, and ``frame:LEVEL`` (the dark
   field around a scan set to black, as medical pipelines mask the field of view). The test images stay as they
   are, as in the papers' evaluation code.
+* **preprocessing that reads the labels**: ``orthogonal`` (Sandoval-Segura et al., NeurIPS 2023: fit a
+  linear classifier to the protected training set and project its class directions out of every
+  training image; it removes shortcuts that a linear model finds, such as class-wise patterns).
 * **training procedures**: ``cutout:SIZE``, ``mixup:ALPHA``, ``adv:RADIUS`` (PGD adversarial
   training), and ``partial:FRACTION`` (only that fraction of the training set is protected; needs
   the clean set).
@@ -57,6 +60,10 @@ class Countermeasure:
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Applied once to the (N, 3, H, W) training images in [0, 1]."""
         return x
+
+    def preprocess_labelled(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Applied once to the training images with their labels (what the victim calls); ``preprocess`` by default."""
+        return self.preprocess(x)
 
     def mix_training_set(self, protected: torch.Tensor, clean: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
         """The training images the victim sees (``partial`` mixes in clean images)."""
@@ -308,11 +315,65 @@ class PartialProtection(Countermeasure):
         return torch.where(mask[:, None, None, None], protected, clean)
 
 
+@dataclasses.dataclass(repr=False)
+class OrthogonalProjection(Countermeasure):
+    """Orthogonal projection (Sandoval-Segura et al., *What Can We Learn from Unlearnable Datasets?*, NeurIPS 2023).
+
+    A linear softmax classifier is fitted to the flattened protected training images (``epochs`` of Adam,
+    batch 256, seeded); the span of its class weight vectors is projected out of every training image,
+    x - Q Q^T x with Q an orthonormal basis of that span. A shortcut a linear model can read (class-wise
+    patterns above all) lies in that span and is removed; the test images stay as they are. The projected
+    images are not clipped to [0, 1] (the projection is linear; clipping would put part of it back).
+    """
+
+    name: ClassVar[str] = "orthogonal"
+    epochs: int = 20
+    lr: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.epochs = int(self.epochs)
+        self.lr = float(self.lr)
+        if self.epochs < 1:
+            raise CountermeasureError(f"orthogonal epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise CountermeasureError(f"orthogonal lr must be > 0, got {self.lr}")
+
+    @property
+    def label(self) -> str:
+        return "orthogonal" + (f",epochs={self.epochs}" if self.epochs != 20 else "")
+
+    def class_directions(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(features, classes) orthonormal basis of the fitted linear classifier's weight vectors."""
+        flat = x.reshape(len(x), -1)
+        classes = int(y.max()) + 1
+        linear = nn.Linear(flat.shape[1], classes)
+        with torch.no_grad():  # seeded initialisation (nn.Linear's own draws use the global generator)
+            linear.weight.copy_((torch.rand(linear.weight.shape, generator=gen) * 2 - 1) / math.sqrt(flat.shape[1]))
+            linear.bias.zero_()
+        opt = torch.optim.Adam(linear.parameters(), lr=self.lr)
+        for _ in range(self.epochs):
+            order = torch.randperm(len(flat), generator=gen)
+            for i in range(0, len(flat), 256):
+                idx = order[i : i + 256]
+                loss = F.cross_entropy(linear(flat[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        q, _ = torch.linalg.qr(linear.weight.detach().T)  # reduced QR: (features, classes)
+        return q
+
+    def preprocess_labelled(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        q = self.class_directions(x, y.long(), gen)
+        flat = x.reshape(len(x), -1)
+        return (flat - (flat @ q) @ q.T).reshape_as(x).contiguous()
+
+
 COUNTERMEASURES: dict[str, type[Countermeasure]] = {
-    c.name: c for c in (Countermeasure, Grayscale, JPEG, BitDepth, Blur, Frame, Cutout, Mixup, AdversarialTraining, PartialProtection)
+    c.name: c for c in (Countermeasure, Grayscale, JPEG, BitDepth, Blur, Frame, Cutout, Mixup, AdversarialTraining, PartialProtection,
+                        OrthogonalProjection)  # fmt: skip
 }
 _MAIN_PARAMETER = {"jpeg": "quality", "bitdepth": "bits", "blur": "sigma", "frame": "level", "cutout": "size", "mixup": "alpha",
-                   "adv": "radius", "partial": "fraction"}  # fmt: skip
+                   "adv": "radius", "partial": "fraction", "orthogonal": "epochs"}  # fmt: skip
 
 
 def _number(text: str) -> float:

@@ -282,8 +282,8 @@ def _preprocess_only(cms: list[Countermeasure]) -> None:
     """Retrieval victims take countermeasures that change the images (grayscale, JPEG, blur, bit depth)."""
     for cm in cms:
         kind = type(cm)
-        if kind.loss is not Countermeasure.loss or kind.mix_training_set is not Countermeasure.mix_training_set:
-            raise RetrievalError(f"countermeasure {cm.label!r} changes a classifier's training loss or set; retrieval victims "
+        if any(getattr(kind, hook) is not getattr(Countermeasure, hook) for hook in ("loss", "mix_training_set", "preprocess_labelled")):
+            raise RetrievalError(f"countermeasure {cm.label!r} changes a classifier's training loss or set, or needs class labels; retrieval victims "
                                  "take the image-only ones: standard, grayscale, jpeg:Q, bitdepth:B, blur:S")  # fmt: skip
 
 

@@ -88,6 +88,9 @@ class MinMinConfig(AdditiveConfig):
                                         "the fit built for it (the published EM loop outputs that noise) instead of "
                                         "a uniform draw; the fitted protector then keeps that noise (1 byte per fit "
                                         "image pixel and channel of the working grid, saved with it)")  # fmt: skip
+    noise_start: str = option("uniform", "where each image's noise phase starts: 'uniform' (a fresh draw in the bound, "
+                              "as the papers do) or 'class' (one seeded pattern per class, uniform in the bound, the "
+                              "same start for every image of the class; the noise steps then make it per image)")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -172,6 +175,7 @@ class MinMinProtector(AdditiveProtector):
     needs_fit = True
     needs_labels = True
     adversarial_training = True  # model phase on PGD examples (REM, SEM); EM trains on t(x + delta)
+    class_targets = True  # the objective's targets are class labels (MEM's are captions: no noise_start='class')
     surrogate_class: Any = Surrogate  # what _load_fitted rebuilds (a contrastive method: ContrastiveSurrogate)
 
     MODULE_FIELD = "surrogate"
@@ -202,6 +206,10 @@ class MinMinProtector(AdditiveProtector):
         for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
             if not float(getattr(cfg, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+        if cfg.noise_start not in ("uniform", "class"):
+            raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
+        if cfg.noise_start == "class" and not self.class_targets:
+            raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
                              "it needs persistent_noise=True")  # fmt: skip
@@ -374,6 +382,23 @@ class MinMinProtector(AdditiveProtector):
         eps = float(self.config.epsilon)
         return self.project((rnd.rand(*x.shape[1:]).to(x.device) * 2 - 1) * eps, x, grey)
 
+    def start_noise(self, x: torch.Tensor, y: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
+        """The first noise of a phase for images ``x`` of classes ``y``: ``initial_noise``, or with
+        ``noise_start='class'`` each class's seeded pattern (projected for each image)."""
+        if self.config.noise_start != "class":
+            return self.initial_noise(x, rnd, grey)
+        return self.project(self.class_start_patterns(tuple(x.shape[1:]))[y.cpu()].to(x.device), x, grey)
+
+    def class_start_patterns(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """One pattern per class, uniform in the bound, from the seed alone (so the fit and a reloaded
+        protector's map start a class from the same pattern, on any process); cached per image shape."""
+        cache = self._runtime.setdefault("class_start", {})
+        if shape not in cache:
+            gen = torch.Generator().manual_seed(int(self.config.seed) + 0x5EED)  # not the fit's own stream
+            eps = float(self.config.epsilon)
+            cache[shape] = (torch.rand((self.num_classes, *shape), generator=gen) * 2 - 1) * eps
+        return cache[shape]
+
     def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
         """What the objective compares the surrogate's output with, for a map batch: the labels."""
         return torch.tensor(batch.labels, dtype=torch.long)
@@ -415,7 +440,7 @@ class MinMinProtector(AdditiveProtector):
         dev = self.device
         x, y = x.to(dev), self.targets_for(batch).to(dev)
         rnd = SampleRandom(batch.keys)
-        delta = self._map_start_noise(batch, x, self.initial_noise(x, rnd, grey), grey)
+        delta = self._map_start_noise(batch, x, self.start_noise(x, y, rnd, grey), grey)
         cfg = self.config
         return self.noise_phase(model, x, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey).cpu()
 
@@ -571,7 +596,10 @@ class MinMinProtector(AdditiveProtector):
         in the bound to start with (a subclass adds its own: class-wise noise, text triggers)."""
         if self.config.persistent_noise:
             eps = float(self.config.epsilon)
-            self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
+            if self.config.noise_start == "class":
+                self._runtime["fit_noise"] = self.class_start_patterns(tuple(x_all.shape[1:]))[y_all.cpu()].clone()
+            else:
+                self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
@@ -596,7 +624,7 @@ class MinMinProtector(AdditiveProtector):
         cfg = self.config
         store = self._runtime.get("fit_noise")
         if store is None:
-            delta = self.initial_noise(x, rnd, grey)
+            delta = self.start_noise(x, y, rnd, grey)
         else:
             delta = self.resume_noise(store[idx].to(x.device), x, grey)
         y = self.noise_targets(model, x, y, idx, delta, rnd)
