@@ -169,6 +169,14 @@ def test_orthogonal_projection_removes_class_patterns_and_keeps_the_rest():
     residual = (out - (images + patterns[y])).reshape(n, -1)
     assert torch.linalg.matrix_rank(residual, atol=1e-4) <= k
     assert parse_countermeasure("orthogonal:5").label == "orthogonal,epochs=5"
+    # test images: as they are by default; with test=1 projected along the training set's directions
+    test = images[:8] + patterns[y[:8]]
+    assert parse_countermeasure("orthogonal").preprocess_test(test) is test
+    both = parse_countermeasure("orthogonal,test=1")
+    with pytest.raises(CountermeasureError, match="training set first"):
+        both.preprocess_test(test)
+    both.preprocess_labelled(images + patterns[y], y, torch.Generator().manual_seed(0))
+    assert torch.allclose(both.preprocess_test(test), out[:8], atol=1e-5)  # the same projection as the training rows
 
 
 @pytest.mark.unit

@@ -65,6 +65,11 @@ class Countermeasure:
         """Applied once to the training images with their labels (what the victim calls); ``preprocess`` by default."""
         return self.preprocess(x)
 
+    def preprocess_test(self, x: torch.Tensor) -> torch.Tensor:
+        """Applied to the test images after the training set was preprocessed; unchanged by default (the papers'
+        evaluation code preprocesses the training images only)."""
+        return x
+
     def mix_training_set(self, protected: torch.Tensor, clean: torch.Tensor | None, gen: torch.Generator) -> torch.Tensor:
         """The training images the victim sees (``partial`` mixes in clean images)."""
         return protected
@@ -319,16 +324,20 @@ class PartialProtection(Countermeasure):
 class OrthogonalProjection(Countermeasure):
     """Orthogonal projection (Sandoval-Segura et al., *What Can We Learn from Unlearnable Datasets?*, NeurIPS 2023).
 
-    A linear softmax classifier is fitted to the flattened protected training images (``epochs`` of Adam,
-    batch 256, seeded); the span of its class weight vectors is projected out of every training image,
+    A bias-free linear softmax classifier is fitted to the flattened protected training images in [0, 1]
+    (as the authors' code does: SGD at ``lr`` 0.1 for ``epochs``, x0.1 at half and three quarters of them;
+    batch 256, seeded here); the span of its class weight vectors is projected out of every training image,
     x - Q Q^T x with Q an orthonormal basis of that span. A shortcut a linear model can read (class-wise
-    patterns above all) lies in that span and is removed; the test images stay as they are. The projected
-    images are not clipped to [0, 1] (the projection is linear; clipping would put part of it back).
+    patterns above all) lies in that span and is removed. The test images stay as they are (the authors'
+    default) or, with ``test=1`` (their ``--project-test``), are projected the same way: a victim trained
+    without any variation along those directions may misread test images that still have it. The projected
+    images are not clipped to [0, 1] (clipping would put part of the span back).
     """
 
     name: ClassVar[str] = "orthogonal"
     epochs: int = 20
-    lr: float = 0.01
+    lr: float = 0.1
+    test: int = 0
 
     def __post_init__(self) -> None:
         self.epochs = int(self.epochs)
@@ -337,20 +346,24 @@ class OrthogonalProjection(Countermeasure):
             raise CountermeasureError(f"orthogonal epochs must be >= 1, got {self.epochs}")
         if not self.lr > 0:
             raise CountermeasureError(f"orthogonal lr must be > 0, got {self.lr}")
+        if self.test not in (0, 1):
+            raise CountermeasureError(f"orthogonal test must be 0 or 1, got {self.test}")
+        self.test = int(self.test)
+        self._directions: torch.Tensor | None = None
 
     @property
     def label(self) -> str:
-        return "orthogonal" + (f",epochs={self.epochs}" if self.epochs != 20 else "")
+        return "orthogonal" + (f",epochs={self.epochs}" if self.epochs != 20 else "") + (",test=1" if self.test else "")
 
     def class_directions(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """(features, classes) orthonormal basis of the fitted linear classifier's weight vectors."""
         flat = x.reshape(len(x), -1)
         classes = int(y.max()) + 1
-        linear = nn.Linear(flat.shape[1], classes)
+        linear = nn.Linear(flat.shape[1], classes, bias=False)
         with torch.no_grad():  # seeded initialisation (nn.Linear's own draws use the global generator)
             linear.weight.copy_((torch.rand(linear.weight.shape, generator=gen) * 2 - 1) / math.sqrt(flat.shape[1]))
-            linear.bias.zero_()
-        opt = torch.optim.Adam(linear.parameters(), lr=self.lr)
+        opt = torch.optim.SGD(linear.parameters(), lr=self.lr)
+        decay = torch.optim.lr_scheduler.MultiStepLR(opt, [self.epochs // 2, self.epochs * 3 // 4])
         for _ in range(self.epochs):
             order = torch.randperm(len(flat), generator=gen)
             for i in range(0, len(flat), 256):
@@ -359,11 +372,24 @@ class OrthogonalProjection(Countermeasure):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            decay.step()
         q, _ = torch.linalg.qr(linear.weight.detach().T)  # reduced QR: (features, classes)
         return q
 
     def preprocess_labelled(self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        q = self.class_directions(x, y.long(), gen)
+        self._directions = self.class_directions(x, y.long(), gen)
+        return self._project(x)
+
+    def preprocess_test(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.test:
+            return x
+        if self._directions is None:
+            raise CountermeasureError("orthogonal,test=1 projects the test images along the training set's directions: "
+                                      "preprocess the training set first")  # fmt: skip
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        q = self._directions
         flat = x.reshape(len(x), -1)
         return (flat - (flat @ q) @ q.T).reshape_as(x).contiguous()
 
@@ -390,8 +416,8 @@ def parse_countermeasure(spec: str | Countermeasure) -> Countermeasure:
         return spec
     if not isinstance(spec, str):
         raise CountermeasureError(f"a countermeasure is a string like 'jpeg:10' or a Countermeasure, got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
+    cut = min((i for i in (spec.find(":"), spec.find(",")) if i >= 0), default=len(spec))  # "name:v,k=v" or "name,k=v"
+    name, rest = spec[:cut].strip().lower(), spec[cut + 1 :]
     if name not in COUNTERMEASURES:
         raise CountermeasureError(f"unknown countermeasure {name!r}; known: {', '.join(COUNTERMEASURES)}")
     cls = COUNTERMEASURES[name]

@@ -282,7 +282,7 @@ def _preprocess_only(cms: list[Countermeasure]) -> None:
     """Retrieval victims take countermeasures that change the images (grayscale, JPEG, blur, bit depth)."""
     for cm in cms:
         kind = type(cm)
-        if any(getattr(kind, hook) is not getattr(Countermeasure, hook) for hook in ("loss", "mix_training_set", "preprocess_labelled")):
+        if any(getattr(kind, hook) is not getattr(Countermeasure, hook) for hook in ("loss", "mix_training_set", "preprocess_labelled", "preprocess_test")):
             raise RetrievalError(f"countermeasure {cm.label!r} changes a classifier's training loss or set, or needs class labels; retrieval victims "
                                  "take the image-only ones: standard, grayscale, jpeg:Q, bitdepth:B, blur:S")  # fmt: skip
 

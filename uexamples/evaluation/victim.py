@@ -135,6 +135,7 @@ def train_victim(
     num_classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     model = build_victim(arch, num_classes, train_x.shape[-1]).to(dev).to(memory_format=torch.channels_last)
     x_all = cm.preprocess_labelled(cm.mix_training_set(train_x, clean_x, gen), train_y, gen)
+    test_x = cm.preprocess_test(test_x)
     if is_transformers_victim(arch):
         lr = lr or 1e-3
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
