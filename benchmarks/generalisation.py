@@ -111,9 +111,24 @@ def victim_epochs(base_epochs: int, images: int) -> int:
 
 
 def victim_spec(name: str) -> dict:
-    """``convnet`` or ``convnet@orthogonal`` (a victim under a countermeasure) -> train_victim's arguments."""
+    """``ARCH[@COUNTERMEASURE][#SEED]`` -> train_victim's arguments: ``convnet`` (seed 0), ``convnet@orthogonal``
+    (under a countermeasure), ``convnet#1`` (victim seed 1: how much of a cell's spread is the victim's own)."""
+    name, _, seed = name.partition("#")
     arch, _, countermeasure = name.partition("@")
-    return {"arch": arch, "countermeasure": parse_countermeasure(countermeasure) if countermeasure else None}
+    return {"arch": arch, "countermeasure": parse_countermeasure(countermeasure) if countermeasure else None,
+            "seed": int(seed) if seed else 0}  # fmt: skip
+
+
+def victim_names(text: str) -> list[str]:
+    """The ``--victims`` list: comma-separated, a ``key=value`` part belonging to the name before it
+    (``convnet,convnet@orthogonal,test=1#1`` is two victims)."""
+    names: list[str] = []
+    for part in text.split(","):
+        if names and "=" in part.split("#")[0]:
+            names[-1] += "," + part
+        else:
+            names.append(part)
+    return names
 
 
 def measured_clean(spec: str, arch: str, epochs: int) -> dict | None:
@@ -143,13 +158,13 @@ def run(args) -> dict:
         entry = {"suite": args.suite, "train_images": len(train), "test_images": len(test), "size": res,
                  "mode": train[0]["image"].mode, "victim_epochs": epochs, "clean": {}, "methods": {}}  # fmt: skip
         old = report["variants"].get(spec)
-        victims = args.victims.split(",")
+        victims = victim_names(args.victims)
         for arch in victims:
             measured = measured_clean(spec, arch, epochs)
             if measured is not None:
                 entry["clean"][arch] = measured  # deterministic: measured once for this recipe, in any results file
             else:
-                r = train_victim(clean_x, clean_y, test_x, test_y, epochs=epochs, seed=0, progress=not args.quiet,
+                r = train_victim(clean_x, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
                                  desc=f"{spec} clean {arch}", **victim_spec(arch))  # fmt: skip
                 entry["clean"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
             print(f"[{spec}] clean {arch}: {entry['clean'][arch]['final']:.4f}", flush=True)
@@ -168,7 +183,7 @@ def run(args) -> dict:
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
             for arch in victims:
-                r = train_victim(px, clean_y, test_x, test_y, epochs=epochs, seed=0, progress=not args.quiet,
+                r = train_victim(px, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
                                  desc=f"{spec} {method} {arch}", **victim_spec(arch))  # fmt: skip
                 row["victims"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
                 print(f"[{spec}] {method} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
@@ -226,7 +241,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="sem,em")
     p.add_argument("--preset", default="fast")
     p.add_argument("--victims", default="convnet,resnet20",
-                   help="victim architectures; ARCH@COUNTERMEASURE trains it under a countermeasure (convnet@orthogonal)")
+                   help="victim architectures; ARCH@COUNTERMEASURE trains it under a countermeasure (convnet@orthogonal), "
+                        "ARCH#SEED with another victim seed (convnet#1; default 0)")
     p.add_argument("--suite", default="tune", choices=("tune", "confirm"),
                    help="which suite the variants belong to: presets are chosen on 'tune' and only measured on 'confirm'")
     p.add_argument("--epochs", type=int, default=12, help="victim epochs on 8,000 images (more on smaller splits)")

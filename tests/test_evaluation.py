@@ -275,9 +275,11 @@ def protected_sample(sample_ds):
 def test_evaluate_report_plot_and_table(protected_sample, sample_ds, tmp_path):
     test = ue.load_sample_dataset("test")
     report = ue.evaluate(protected_sample, test, clean=sample_ds, victim="tinycnn",
-                         countermeasures=["standard", "partial:0.5"], epochs=2, seeds=[0, 1], progress=False)  # fmt: skip
-    assert [r["countermeasure"] for r in report.results] == ["standard", "partial:0.5"]
+                         countermeasures=["standard", "partial:0.5", "orthogonal,test=1"], epochs=2, seeds=[0, 1],
+                         progress=False)  # fmt: skip
+    assert [r["countermeasure"] for r in report.results] == ["standard", "partial:0.5", "orthogonal,test=1"]
     std = report.results[0]
+    assert report.results[2]["clean"]["runs"] != std["clean"]["runs"]  # its own clean victims, on projected images
     assert len(std["protected"]["runs"]) == 2 and len(std["protected"]["curve_mean"]) == 2
     assert std["protected"]["final_std"] >= 0 and std["ratio"] == pytest.approx(
         std["protected"]["final_mean"] / std["clean"]["final_mean"])  # fmt: skip

@@ -154,6 +154,8 @@ def test_evaluate_picks_the_retrieval_victim_for_captions_without_labels(pairs, 
 def test_retrieval_rejects_classifier_countermeasures(pairs):
     with pytest.raises(RetrievalError, match="image-only"):
         ue.evaluate_retrieval(pairs, pairs, countermeasures="mixup", epochs=1, progress=False)
+    with pytest.raises(RetrievalError, match="class labels"):  # orthogonal projection fits a classifier to the labels
+        ue.evaluate_retrieval(pairs, pairs, countermeasures="orthogonal", epochs=1, progress=False)
 
 
 @pytest.mark.slow

@@ -448,7 +448,7 @@ def build_parser(method: str | None = DEFAULT_METHOD) -> argparse.ArgumentParser
     e.add_argument("--victim", help="classifiers: convnet (default), resnet18, vit, or a transformers config id/folder; "
                    "captioned data without labels: clip-vit (default) or clip-conv, scored by retrieval")  # fmt: skip
     e.add_argument("--countermeasures", default="standard",
-                   help="comma-separated: standard, cutout, mixup, grayscale, jpeg:10, bitdepth:2, blur:1, adv:8/255, partial:0.5")  # fmt: skip
+                   help="comma-separated: standard, cutout, mixup, grayscale, jpeg:10, bitdepth:2, blur:1, adv:8/255, partial:0.5, orthogonal (orthogonal,test=1)")  # fmt: skip
     e.add_argument("--epochs", type=int, help="default 15 (classifiers), 30 (retrieval victims)")
     e.add_argument("--seeds", default="0", help="comma-separated victim seeds")
     e.add_argument("--batch-size", type=int, help="default 128 (classifiers), 64 (retrieval victims)")

@@ -292,7 +292,7 @@ def evaluate(
         "clip-vit" by default, or "clip-conv"; 30 epochs, batch 64, 64 px unless set) and a ``RetrievalReport``.
     epochs / batch_size / resolution: default 15 / 128 / 32 px for classifier victims.
     countermeasures: see ``uexamples.evaluation.countermeasures``: "standard", "cutout", "mixup",
-        "grayscale", "jpeg:10", "bitdepth:2", "blur:1", "adv:4/255", "adv:8/255", "partial:0.5".
+        "grayscale", "jpeg:10", "bitdepth:2", "blur:1", "adv:4/255", "adv:8/255", "partial:0.5", "orthogonal".
     label_column: train and score the victim on another label column than the one the protector saw.
     relabel: the label-agnostic check. One or several labellings the protector never saw: a built-in
         name (:data:`RELABELINGS`, e.g. ``"cifar10-vehicles-animals"``), a mapping or a function
