@@ -214,7 +214,8 @@ def table() -> str:
     for path in sorted(RESULTS.glob("generalisation*.json")):
         for spec, e in json.loads(path.read_text())["variants"].items():
             for method, m in e["methods"].items():
-                rows.setdefault(e.get("suite", "tune"), {})[(spec, method)] = (e, m, path.name)
+                # a later file replaces a row of the same victims (a re-run); other victims get their own row
+                rows.setdefault(e.get("suite", "tune"), {})[(spec, method, tuple(sorted(m["victims"])))] = (e, m, path.name)
     lines = []
     for suite in ("tune", "confirm"):
         if suite not in rows:
@@ -223,7 +224,7 @@ def table() -> str:
         lines += [f"**{suite}** suite: victim final accuracy on the clean test split (fraction of the clean victim's), best epoch after the slash", "",
                   "| dataset | images | method | fit steps | fit + map (s) | " + " | ".join(archs) + " | clean " + " / ".join(archs) + " | file |",
                   "|---|---:|---|---:|---:|" + "---:|" * len(archs) + "---:|---|"]  # fmt: skip
-        for (spec, method), (e, m, name) in rows[suite].items():
+        for (spec, method, _), (e, m, name) in rows[suite].items():
             cells = []
             for a in archs:
                 v, c = m["victims"].get(a), e["clean"].get(a)
