@@ -121,7 +121,6 @@ class MEMProtect(MinMinProtector):
     needs_labels = False
     needs_texts = True
     adversarial_training = False
-    class_targets = False
     surrogate_class = ContrastiveSurrogate
     PRESETS = {"paper": PAPER, "fast": FAST}
 

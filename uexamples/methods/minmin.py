@@ -175,7 +175,6 @@ class MinMinProtector(AdditiveProtector):
     needs_fit = True
     needs_labels = True
     adversarial_training = True  # model phase on PGD examples (REM, SEM); EM trains on t(x + delta)
-    class_targets = True  # the objective's targets are class labels (MEM's are captions: no noise_start='class')
     surrogate_class: Any = Surrogate  # what _load_fitted rebuilds (a contrastive method: ContrastiveSurrogate)
 
     MODULE_FIELD = "surrogate"
@@ -208,7 +207,7 @@ class MinMinProtector(AdditiveProtector):
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
         if cfg.noise_start not in ("uniform", "class"):
             raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
-        if cfg.noise_start == "class" and not self.class_targets:
+        if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
@@ -594,12 +593,11 @@ class MinMinProtector(AdditiveProtector):
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """State allocated once for the whole fit: with ``persistent_noise`` one noise per fit image, uniform
         in the bound to start with (a subclass adds its own: class-wise noise, text triggers)."""
-        if self.config.persistent_noise:
+        if self.config.persistent_noise and self.config.noise_start == "class":
+            self._runtime["fit_noise"] = self.class_start_patterns(tuple(x_all.shape[1:]))[y_all.cpu()].clone()
+        elif self.config.persistent_noise:
             eps = float(self.config.epsilon)
-            if self.config.noise_start == "class":
-                self._runtime["fit_noise"] = self.class_start_patterns(tuple(x_all.shape[1:]))[y_all.cpu()].clone()
-            else:
-                self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
+            self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
