@@ -47,6 +47,7 @@ from PIL import Image
 
 from common import RESULTS, SHARED_DATASETS, benchmark_parser, dispatch, fit_and_map, machine_info, make_protector
 from uexamples.evaluation import dataset_quality, dataset_to_tensors, parse_countermeasure, train_victim
+from uexamples.evaluation.countermeasures import split_specs
 
 REFERENCE_IMAGES = 8000  # victims on smaller splits train for proportionally more epochs
 
@@ -122,13 +123,7 @@ def victim_spec(name: str) -> dict:
 def victim_names(text: str) -> list[str]:
     """The ``--victims`` list: comma-separated, a ``key=value`` part belonging to the name before it
     (``convnet,convnet@orthogonal,test=1#1`` is two victims)."""
-    names: list[str] = []
-    for part in text.split(","):
-        if names and "=" in part.split("#")[0]:
-            names[-1] += "," + part
-        else:
-            names.append(part)
-    return names
+    return split_specs(text, lambda part: "=" in part.split("#")[0])
 
 
 def measured_clean(spec: str, arch: str, epochs: int) -> dict | None:

@@ -146,6 +146,8 @@ def test_class_start_gives_each_class_one_starting_pattern(small_ds, tmp_path):
         ue.SEMProtect(noise_start="classes")
     with pytest.raises(ValueError, match="needs class labels"):
         ue.MEMProtect(noise_start="class")
+    with pytest.raises(ValueError, match="one pattern per class already"):  # would be silently ignored
+        ue.EMProtect(noise_type="class-wise", noise_start="class")
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ import dataclasses
 import io
 import math
 from fractions import Fraction
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -436,22 +436,31 @@ def parse_countermeasure(spec: str | Countermeasure) -> Countermeasure:
     return cls(**kwargs)
 
 
+def split_specs(text: str, is_option: Callable[[str], bool] = lambda token: "=" in token) -> list[str]:
+    """``text`` split at commas, each part for which ``is_option`` holds joined to the part before it
+    (``"orthogonal,test=1,jpeg:10"`` is two specs); empty parts are dropped.
+
+    >>> split_specs("convnet@orthogonal,test=1,resnet20")
+    ['convnet@orthogonal,test=1', 'resnet20']
+    """
+    parts: list[str] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if parts and is_option(token):
+            parts[-1] += "," + token
+        else:
+            parts.append(token)
+    return parts
+
+
 def parse_countermeasures(specs: str | Iterable[str | Countermeasure]) -> list[Countermeasure]:
     """A comma-free list or a ``;``/``,``-separated string: ``"standard,jpeg:10,adv:8/255"``.
 
     In a string, a part containing ``=`` belongs to the countermeasure before it.
     """
     if isinstance(specs, str):
-        parts: list[str] = []
-        for token in specs.replace(";", ",").split(","):
-            token = token.strip()
-            if not token:
-                continue
-            if "=" in token and ":" not in token and parts:
-                parts[-1] += "," + token
-            else:
-                parts.append(token)
-        specs = parts
+        specs = split_specs(specs.replace(";", ","), lambda token: "=" in token and ":" not in token)
     out = [parse_countermeasure(s) for s in specs]
     if not out:
         raise CountermeasureError("no countermeasure given (use 'standard' for plain training)")
