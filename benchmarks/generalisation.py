@@ -11,6 +11,8 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
   sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
 - ``@t2000``: the first 2,000 rows of the test split (a cheaper score on a big test split);
+- ``@jpeg``: every image through a JPEG round trip at quality 75 (PIL's libjpeg, 4:2:0), as cifar10-jpeg
+  was stored: the tune images with the confirm photos' storage, to tell that storage from their content;
 - ``@dark``: everything outside a central disc (radius 0.4 of the side, half the image) set to black,
   the way scans, fundus photos and product shots sit on a black, flat background where the pixels
   are at 0 and noise can only go up.
@@ -37,6 +39,7 @@ other variants); ``--table`` prints the Markdown table.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -97,12 +100,20 @@ def black_background(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.where(inside.reshape(h, w, *[1] * (a.ndim - 2)), a, 0).astype(a.dtype), mode=image.mode)
 
 
+def jpeg_round_trip(image: Image.Image) -> Image.Image:
+    """``image`` saved as JPEG at quality 75 and decoded again (``@jpeg``)."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=75)
+    return Image.open(io.BytesIO(buf.getvalue())).convert(image.mode)
+
+
 # variant steps that change every image alone: name -> (transform, what the progress bar says)
 PER_IMAGE = {
     "L": (lambda im: im.convert("L"), "grey"),
     "RGBA": (lambda im: im.convert("RGBA"), "RGBA"),
     "I16": (grey16, "16-bit grey"),
     "dark": (black_background, "dark"),
+    "jpeg": (jpeg_round_trip, "JPEG q75 round trip"),
 }
 
 
