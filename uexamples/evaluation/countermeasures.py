@@ -114,10 +114,15 @@ class JPEG(Countermeasure):
         levels = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         out = np.empty_like(levels)
         for i, img in enumerate(levels):  # the codec works one image at a time
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="JPEG", quality=self.quality)
-            out[i] = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+            out[i] = np.asarray(jpeg_round_trip(Image.fromarray(img), self.quality))
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255).contiguous()
+
+
+def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` saved as JPEG at ``quality`` (PIL's libjpeg) and decoded again, in its own mode."""
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buf.getvalue())).convert(image.mode)
 
 
 @dataclasses.dataclass(repr=False)
