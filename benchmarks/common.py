@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent / "README.md"
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SHARED_MODELS = SHARED_DATASETS.parent / "models" / "cifar10-resnet"
 CUDA_BENCH_KEY = 1_234_567_890_123  # a benchmark key; real users keep theirs secret
@@ -110,13 +111,43 @@ def keep_other_methods(path: Path, report: dict, rerun: list[str], signature: Ca
 def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", action="store_true", help="print the Markdown table of the committed results and exit")
+    p.add_argument("--update-readme", action="store_true",
+                   help="write that table into benchmarks/README.md (between its <!-- table:NAME --> markers) and exit")
     return p
 
 
 def dispatch(parser: argparse.ArgumentParser, run: Callable, table: Callable[[], str], argv=None) -> None:
-    """Parse ``argv``; print the table with ``--table``, else run the benchmark."""
+    """Parse ``argv``; print the table with ``--table`` (and write it into benchmarks/README.md with
+    ``--update-readme``), else run the benchmark."""
     args = parser.parse_args(argv)
-    if args.table:
+    if args.update_readme:
+        splice_table(README, Path(parser.prog).stem, table())
+        print(f"{README}: the {Path(parser.prog).stem} table rewritten from {RESULTS.name}/")
+    elif args.table:
         print(table())
     else:
         run(args)
+
+
+def splice_table(readme: Path, name: str, table: str) -> None:
+    """Put ``table`` between the lines ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` of ``readme``, so a
+    table regenerated from the results files replaces the committed one, with nothing pasted by hand.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "README.md"
+    >>> _ = path.write_text("intro\n<!-- table:demo -->\nold\n<!-- /table:demo -->\nafter\n")
+    >>> splice_table(path, "demo", "| a |\n|---|\n")
+    >>> print(path.read_text(), end="")
+    intro
+    <!-- table:demo -->
+    | a |
+    |---|
+    <!-- /table:demo -->
+    after
+    """
+    text = readme.read_text(encoding="utf-8")
+    start, end = f"<!-- table:{name} -->\n", f"<!-- /table:{name} -->\n"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"{readme}: needs one '{start.strip()}' line, then one '{end.strip()}' line, around the table")
+    head, rest = text.split(start)
+    readme.write_text(head + start + table.rstrip("\n") + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")

@@ -218,7 +218,8 @@ def table() -> str:
     for suite in ("tune", "confirm"):
         if suite not in rows:
             continue
-        archs = sorted({a for e, m, _ in rows[suite].values() for a in m["victims"]}, key=lambda a: a != "convnet")
+        # a fixed column order (the two base victims, then the others by name), so a new file adds a column, never reorders
+        archs = sorted({a for e, m, _ in rows[suite].values() for a in m["victims"]}, key=lambda a: (a != "convnet", a != "resnet20", a))
         lines += [f"**{suite}** suite: victim final accuracy on the clean test split (fraction of the clean victim's), best epoch after the slash", "",
                   "| dataset | images | method | fit steps | fit + map (s) | " + " | ".join(archs) + " | clean " + " / ".join(archs) + " | file |",
                   "|---|---:|---|---:|---:|" + "---:|" * len(archs) + "---:|---|"]  # fmt: skip
