@@ -18,7 +18,6 @@ Method names as ``common.make_protector`` reads them. Results: benchmarks/result
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from common import RESULTS, dispatch, fit_and_map, machine_info, make_protector
+from common import RESULTS, benchmark_parser, dispatch, fit_and_map, machine_info, make_protector
 
 
 def run(args) -> dict:
@@ -77,8 +76,7 @@ def table() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", action="store_true", help="print the Markdown table of the committed results and exit")
+    p = benchmark_parser(__doc__)
     p.add_argument("--dataset", default="../shared/datasets/retinamnist")
     p.add_argument("--methods", default="salm")
     p.add_argument("--preset", default="fast")

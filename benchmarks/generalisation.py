@@ -11,6 +11,8 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
   sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
 - ``@t2000``: the first 2,000 rows of the test split (a cheaper score on a big test split);
+- ``@o8000``: the train split without its first 8,000 rows, so ``@shuffle@o8000@n8000`` is another 8,000
+  images of the same source, disjoint from ``@shuffle@n8000`` (how much of a cell is which images);
 - ``@jpeg``: every image through a JPEG round trip at quality 75 (PIL's libjpeg, 4:2:0), as cifar10-jpeg
   was stored: the tune images with the confirm photos' storage, to tell that storage from their content;
 - ``@dark``: everything outside a central disc (radius 0.4 of the side, half the image) set to black,
@@ -65,6 +67,9 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         elif step.isdigit():
             size = int(step)
             ds = each_image(ds, lambda im: im.resize((size, size), Image.BICUBIC), f"{spec}: {size} px")
+        elif step[0] == "o" and step[1:].isdigit():
+            if split == "train":  # another window of a large train split: @o8000@n8000 is rows 8,000-15,999
+                ds = ds.select(range(min(int(step[1:]), len(ds)), len(ds)))
         elif step[0] in "nt" and step[1:].isdigit():
             if split == {"n": "train", "t": "test"}[step[0]]:
                 ds = ds.select(range(min(int(step[1:]), len(ds))))
@@ -74,7 +79,7 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         elif step == "shuffle":
             ds = ds.shuffle(seed=0).flatten_indices()
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, a size in px, cK, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, a size in px, cK, oN, nN or tN)")
     return ds
 
 
