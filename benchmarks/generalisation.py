@@ -11,6 +11,8 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
   sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
 - ``@t2000``: the first 2,000 rows of the test split (a cheaper score on a big test split);
+- ``@xtest``: the train rows come from the test split, after the rows ``@tN`` keeps for testing
+  (``cifar10-jpeg@xtest@shuffle@t2000@n8000``: train and test both from one split, as in cifar10-10k);
 - ``@o8000``: the train split without its first 8,000 rows, so ``@shuffle@o8000@n8000`` is another 8,000
   images of the same source, disjoint from ``@shuffle@n8000`` (how much of a cell is which images);
 - ``@jpeg``: every image through a JPEG round trip at quality 75 (PIL's libjpeg, 4:2:0), as cifar10-jpeg
@@ -59,8 +61,14 @@ REFERENCE_IMAGES = 8000  # victims on smaller splits train for proportionally mo
 def derive(spec: str, split: str) -> datasets.Dataset:
     """The split of the variant ``spec`` (see the module docstring); deterministic."""
     base, *steps = spec.split("@")
-    ds = datasets.load_dataset(str(SHARED_DATASETS / base), split=split)
+    train_from_test = "xtest" in steps and split == "train"
+    ds = datasets.load_dataset(str(SHARED_DATASETS / base), split="test" if train_from_test else split)
     for step in steps:
+        if step == "xtest":
+            continue
+        if train_from_test and step[0] == "t" and step[1:].isdigit():
+            ds = ds.select(range(min(int(step[1:]), len(ds)), len(ds)))  # the test rows are the ones after @tN's
+            continue
         if step in PER_IMAGE:
             transform, what = PER_IMAGE[step]
             ds = each_image(ds, transform, f"{spec}: {what}")
@@ -79,7 +87,7 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         elif step == "shuffle":
             ds = ds.shuffle(seed=0).flatten_indices()
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, a size in px, cK, oN, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, xtest, a size in px, cK, oN, nN or tN)")
     return ds
 
 
