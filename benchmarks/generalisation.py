@@ -67,7 +67,7 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         if step == "xtest":
             continue
         if train_from_test and step[0] == "t" and step[1:].isdigit():
-            ds = ds.select(range(min(int(step[1:]), len(ds)), len(ds)))  # the test rows are the ones after @tN's
+            ds = without_first(ds, int(step[1:]))  # the test rows are the first N: train on the rest
             continue
         if step in PER_IMAGE:
             transform, what = PER_IMAGE[step]
@@ -77,7 +77,7 @@ def derive(spec: str, split: str) -> datasets.Dataset:
             ds = each_image(ds, lambda im: im.resize((size, size), Image.BICUBIC), f"{spec}: {size} px")
         elif step[0] == "o" and step[1:].isdigit():
             if split == "train":  # another window of a large train split: @o8000@n8000 is rows 8,000-15,999
-                ds = ds.select(range(min(int(step[1:]), len(ds)), len(ds)))
+                ds = without_first(ds, int(step[1:]))
         elif step[0] in "nt" and step[1:].isdigit():
             if split == {"n": "train", "t": "test"}[step[0]]:
                 ds = ds.select(range(min(int(step[1:]), len(ds))))
@@ -89,6 +89,11 @@ def derive(spec: str, split: str) -> datasets.Dataset:
         else:
             raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, xtest, a size in px, cK, oN, nN or tN)")
     return ds
+
+
+def without_first(ds: datasets.Dataset, n: int) -> datasets.Dataset:
+    """``ds`` without its first ``n`` rows (``@oN``, and ``@xtest``'s train rows after the test window)."""
+    return ds.select(range(min(n, len(ds)), len(ds)))
 
 
 def each_image(ds: datasets.Dataset, transform, desc: str) -> datasets.Dataset:
