@@ -121,8 +121,9 @@ def dispatch(parser: argparse.ArgumentParser, run: Callable, table: Callable[[],
     ``--update-readme``), else run the benchmark."""
     args = parser.parse_args(argv)
     if args.update_readme:
-        splice_table(README, Path(parser.prog).stem, table())
-        print(f"{README}: the {Path(parser.prog).stem} table rewritten from {RESULTS.name}/")
+        name = Path(parser.prog).stem  # the script's name: generalisation.py writes <!-- table:generalisation -->
+        splice_table(README, name, table())
+        print(f"{README}: the {name} table rewritten from {RESULTS.name}/")
     elif args.table:
         print(table())
     else:

@@ -64,11 +64,6 @@ def derive(spec: str, split: str) -> datasets.Dataset:
     train_from_test = "xtest" in steps and split == "train"
     ds = datasets.load_dataset(str(SHARED_DATASETS / base), split="test" if train_from_test else split)
     for step in steps:
-        if step == "xtest":
-            continue
-        if train_from_test and step[0] == "t" and step[1:].isdigit():
-            ds = without_first(ds, int(step[1:]))  # the test rows are the first N: train on the rest
-            continue
         if step in PER_IMAGE:
             transform, what = PER_IMAGE[step]
             ds = each_image(ds, transform, f"{spec}: {what}")
@@ -79,8 +74,13 @@ def derive(spec: str, split: str) -> datasets.Dataset:
             if split == "train":  # another window of a large train split: @o8000@n8000 is rows 8,000-15,999
                 ds = without_first(ds, int(step[1:]))
         elif step[0] in "nt" and step[1:].isdigit():
-            if split == {"n": "train", "t": "test"}[step[0]]:
-                ds = ds.select(range(min(int(step[1:]), len(ds))))
+            n = int(step[1:])
+            if train_from_test and step[0] == "t":  # @xtest: the test rows are the split's first n, train on the rest
+                ds = without_first(ds, n)
+            elif split == {"n": "train", "t": "test"}[step[0]]:
+                ds = ds.select(range(min(n, len(ds))))
+        elif step == "xtest":
+            pass  # it chose the split loaded above
         elif step[0] == "c" and step[1:].isdigit():
             k = int(step[1:])
             ds = ds.filter(lambda b: [y < k for y in b["label"]], batched=True, desc=f"{spec}: {k} classes")
