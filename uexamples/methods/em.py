@@ -101,15 +101,7 @@ class EMProtect(MinMinProtector):
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
         if not self.class_wise:
             return super()._fit_noise(model, x, y, idx, rnd, grey)
-        cfg = self.config
-        eps, alpha = float(cfg.epsilon), float(cfg.step_size)
-        noise = self._runtime["class_noise"]
-        for _ in range(cfg.noise_steps):
-            g = self.noise_gradient(model, x, y, noise[y], rnd, cfg.eot_draws)
-            per_class = torch.zeros_like(noise).index_add_(0, y, g)  # the average update of each class
-            per_class = self._sum_over_processes(per_class)  # over the global batch in a data-parallel fit
-            noise = (noise - alpha * per_class.sign()).clamp(-eps, eps)
-        self._runtime["class_noise"] = noise
+        noise = self._runtime["class_noise"] = self.class_noise_phase(model, x, y, self._runtime["class_noise"], rnd)
         return project_grey((x + noise[y]).clamp(0, 1) - x, grey)
 
     def perturbation(self, x, batch, grey) -> torch.Tensor:

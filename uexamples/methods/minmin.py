@@ -91,6 +91,11 @@ class MinMinConfig(AdditiveConfig):
     noise_start: str = option("uniform", "where each image's noise phase starts: 'uniform' (a fresh draw in the bound, "
                               "as the papers do) or 'class' (one seeded pattern per class, uniform in the bound, the "
                               "same start for every image of the class; the noise steps then make it per image)")  # fmt: skip
+    class_start_epochs: float = option(0.0, "with noise_start='class': epochs of class-wise min-min steps that open the fit "
+                                       "(ceil(epochs * images / train_batch_size) steps before the per-image ones; one noise "
+                                       "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
+                                       "that every image starts from an *optimised* class pattern, at fit and at map (the "
+                                       "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -207,6 +212,10 @@ class MinMinProtector(AdditiveProtector):
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
         if cfg.noise_start not in ("uniform", "class"):
             raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
+        if not float(cfg.class_start_epochs) >= 0:
+            raise ValueError(f"class_start_epochs must be >= 0, got {cfg.class_start_epochs!r}")
+        if float(cfg.class_start_epochs) > 0 and cfg.noise_start != "class":
+            raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
@@ -319,6 +328,7 @@ class MinMinProtector(AdditiveProtector):
     # ``final_from_fit_noise``); the names before 2026-12-06 are still read
     FIT_KEYS, FIT_KEYS_BEFORE = "fit_keys", ("map_start.keys", "mem.fit_keys")
     MAP_START_NOISE = "map_start.noise"
+    CLASS_START = "class_start.noise"  # the optimised class patterns (class_start_epochs)
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(self._runtime.get("arrays_cache") or {})
@@ -330,6 +340,8 @@ class MinMinProtector(AdditiveProtector):
             extra[self.FIT_KEYS] = self._runtime["fit_keys"].numpy()
         if self._runtime.get("map_start") is not None:
             extra[self.MAP_START_NOISE] = self._runtime["map_start"].numpy()
+        if self._runtime.get("class_start_fitted") is not None:
+            extra[self.CLASS_START] = self._runtime["class_start_fitted"].cpu().numpy()
         return {**arrays, **extra}
 
     def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> Surrogate:
@@ -340,6 +352,7 @@ class MinMinProtector(AdditiveProtector):
         arrays = dict(arrays)
         saved_keys = [arrays.pop(name) for name in (self.FIT_KEYS, *self.FIT_KEYS_BEFORE) if name in arrays]
         levels = arrays.pop(self.MAP_START_NOISE, None)
+        class_start = arrays.pop(self.CLASS_START, None)
         surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
@@ -348,6 +361,8 @@ class MinMinProtector(AdditiveProtector):
             self._runtime["fit_keys"] = torch.from_numpy(np.array(saved_keys[0]))
         if levels is not None:
             self._runtime["map_start"] = torch.from_numpy(np.array(levels))
+        if class_start is not None:
+            self._runtime["class_start_fitted"] = torch.from_numpy(np.array(class_start))
 
     # ------------------------------------------------------------------ hooks
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -386,11 +401,18 @@ class MinMinProtector(AdditiveProtector):
         ``noise_start='class'`` each class's seeded pattern (projected for each image)."""
         if self.config.noise_start != "class":
             return self.initial_noise(x, rnd, grey)
-        return self.project(self.class_start_patterns(tuple(x.shape[1:]))[y.cpu()].to(x.device), x, grey)
+        patterns = self.class_start_patterns(tuple(x.shape[1:]))
+        return self.project(patterns[y.to(patterns.device)].to(x.device), x, grey)
 
     def class_start_patterns(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """One pattern per class, uniform in the bound, from the seed alone (so the fit and a reloaded
-        protector's map start a class from the same pattern, on any process); cached per image shape."""
+        """One pattern per class: the ones the fit's class-wise steps optimised (``class_start_epochs``; resized
+        bilinearly for images of another working size), else uniform in the bound from the seed alone (so the
+        fit and a reloaded protector's map start a class from the same pattern, on any process)."""
+        fitted = self._runtime.get("class_start_fitted")
+        if fitted is not None:
+            if tuple(fitted.shape[1:]) == shape:
+                return fitted
+            return F.interpolate(fitted.float(), size=shape[-2:], mode="bilinear", align_corners=False)
         cache = self._runtime.setdefault("class_start", {})
         if shape not in cache:
             gen = torch.Generator().manual_seed(int(self.config.seed) + 0x5EED)  # not the fit's own stream
@@ -432,6 +454,17 @@ class MinMinProtector(AdditiveProtector):
             g = self.noise_gradient(model, x, y, delta, rnd, draws)
             delta = self.project(self.noise_step(delta, g), x, grey)
         return delta.detach()
+
+    def class_noise_phase(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, rnd) -> torch.Tensor:
+        """K steps of class-wise noise (one pattern per class, ``noise[c]``): each class moves by the sign of
+        its images' summed gradient, over the global batch of a data-parallel fit (class-wise EM)."""
+        cfg = self.config
+        eps, alpha = float(cfg.epsilon), float(cfg.step_size)
+        for _ in range(cfg.noise_steps):
+            g = self.noise_gradient(model, x, y, noise[y], rnd, cfg.eot_draws)
+            per_class = self._sum_over_processes(torch.zeros_like(noise).index_add_(0, y, g))
+            noise = (noise - alpha * per_class.sign()).clamp(-eps, eps)
+        return noise
 
     # ------------------------------------------------------------------ map
     def perturbation(self, x: torch.Tensor, batch: ProtectBatch, grey: torch.Tensor) -> torch.Tensor:
@@ -492,6 +525,11 @@ class MinMinProtector(AdditiveProtector):
             raised = f"; cap {cfg.train_steps} raised to min_train_epochs={cfg.min_train_epochs:g}" if cap > cfg.train_steps else ""
             self._set_rule("fit_steps", f"{total} (train_epochs={cfg.train_epochs:g} over {n} images in batches of "
                                         f"{min(int(cfg.train_batch_size), n)}, within [{cfg.min_train_steps}, {cap}]{raised})")  # fmt: skip
+        class_steps = self._runtime["class_start_steps"] = self._class_start_length(n)
+        if class_steps:
+            self._set_rule("class_start", f"{class_steps} class-wise steps open the fit (class_start_epochs="
+                                          f"{float(cfg.class_start_epochs):g} over {n} images in batches of {bs})")  # fmt: skip
+            total += class_steps
         state = FitState(model, opt, sched, gen, order=torch.randperm(n, generator=gen))
         started, ckpt = time.time(), None
         if self._checkpoint is not None:
@@ -525,7 +563,8 @@ class MinMinProtector(AdditiveProtector):
             if step % 10 == 0:
                 bar.set_postfix(train_acc=f"{state.acc_ema:.3f}")
                 state.acc_curve.append(round(state.acc_ema, 4))
-            if cfg.stop_at_train_accuracy is not None and step >= 20 and state.acc_ema >= cfg.stop_at_train_accuracy:
+            if (cfg.stop_at_train_accuracy is not None and step >= 20 + class_steps
+                    and state.acc_ema >= cfg.stop_at_train_accuracy):  # fmt: skip
                 break
             if ckpt is not None and ckpt.due(state.step, total):
                 state.passes, state.method_state = self.passes, self._fit_state()
@@ -538,6 +577,9 @@ class MinMinProtector(AdditiveProtector):
         self._runtime.pop("dp", None)
         self._runtime.pop("fit_step", None)
         self._keep_fit_noise_for_map()
+        if self._runtime.get("class_start_fitted") is not None:  # kept for the map (and save_pretrained), on the CPU
+            self._runtime["class_start_fitted"] = self._runtime["class_start_fitted"].cpu()
+        self._runtime.pop("fit_labels", None)
         self._finish_fit(model, x_all, y_all, grey_all, gen)
         if ckpt is not None:
             ckpt.remove()
@@ -590,9 +632,21 @@ class MinMinProtector(AdditiveProtector):
         cfg = self.config
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
+    def _class_start_length(self, images: int) -> int:
+        """Class-wise steps that open the fit: ceil(class_start_epochs * images / batch), 0 when off."""
+        epochs = float(self.config.class_start_epochs)
+        if epochs <= 0:
+            return 0
+        return max(1, math.ceil(epochs * images / min(int(self.config.train_batch_size), max(1, images)) - 1e-9))
+
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """State allocated once for the whole fit: with ``persistent_noise`` one noise per fit image, uniform
-        in the bound to start with (a subclass adds its own: class-wise noise, text triggers)."""
+        in the bound to start with (a subclass adds its own: class-wise noise, text triggers); with
+        ``class_start_epochs`` the class patterns the opening class-wise steps optimise (seeded start)."""
+        if float(self.config.class_start_epochs) > 0:
+            patterns = self.class_start_patterns(tuple(x_all.shape[1:])).clone()
+            self._runtime["class_start_fitted"] = patterns.to(self.device)
+            self._runtime["fit_labels"] = y_all.cpu()  # each image's store row starts from its class's pattern
         if self.config.persistent_noise and self.config.noise_start == "class":
             self._runtime["fit_noise"] = self.class_start_patterns(tuple(x_all.shape[1:]))[y_all.cpu()].clone()
         elif self.config.persistent_noise:
@@ -608,19 +662,29 @@ class MinMinProtector(AdditiveProtector):
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
         """Hook: the method's own loop state for a fit checkpoint (tensors); the persistent noise if kept."""
-        store = self._runtime.get("fit_noise")
-        return {"fit_noise": store} if store is not None else {}
+        state = {name: self._runtime[key].cpu() for name, key in (("fit_noise", "fit_noise"), ("class_start",
+                 "class_start_fitted")) if self._runtime.get(key) is not None}  # fmt: skip
+        return state
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
         """Hook: put back what ``_fit_state`` saved."""
         if "fit_noise" in state:
             self._runtime["fit_noise"] = state["fit_noise"]
+        if "class_start" in state:
+            self._runtime["class_start_fitted"] = state["class_start"].to(self.device)
 
     def _fit_noise(self, model, x, y, idx, rnd, grey) -> torch.Tensor:
         """The noise of this fit batch: a noise phase from a uniform start, or with ``persistent_noise`` from
         each image's noise of its last visit (kept again afterwards)."""
         cfg = self.config
         store = self._runtime.get("fit_noise")
+        step, class_steps = self._runtime.get("fit_step", (0, 0))[0], self._runtime.get("class_start_steps", 0)
+        if step < class_steps:  # the opening class-wise steps: optimise the patterns every image will start from
+            patterns = self.class_noise_phase(model, x, y, self._runtime["class_start_fitted"], rnd)
+            self._runtime["class_start_fitted"] = patterns
+            return self.project(patterns[y], x, grey)
+        if class_steps and step == class_steps and store is not None:  # each image's noise starts from its class's
+            store.copy_(self._runtime["class_start_fitted"].cpu()[self._runtime["fit_labels"]])
         if store is None:
             delta = self.start_noise(x, y, rnd, grey)
         else:
