@@ -150,6 +150,52 @@ def test_class_start_gives_each_class_one_starting_pattern(small_ds, tmp_path):
         ue.EMProtect(noise_type="class-wise", noise_start="class")
 
 
+@pytest.mark.unit
+def test_class_start_epochs_optimise_the_patterns_every_image_starts_from(small_ds, tmp_path):
+    """class_start_epochs: class-wise min-min steps open the fit; the patterns they optimise are where each image's
+    persistent noise starts after them and where the map starts, and are saved with the protector. Catches the
+    opening steps skipped (patterns stay the seeded draw), the sign of their step flipped (the patterns raise the
+    surrogate's loss instead of lowering it), the store not restarted from them, or patterns lost on save."""
+    rows = small_ds.select(range(40))
+    fit = dict(SMALL_FIT, train_steps=4, train_batch_size=20, final_noise_steps=2, persistent_noise=True)
+    p = ue.SEMProtect(seed=0, noise_start="class", class_start_epochs=10, **fit)
+    seen = {}
+    original = p._fit_noise
+
+    def spy(model, x, y, idx, rnd, grey):  # the store right after the first per-image step
+        if p._runtime["fit_step"][0] == p._runtime["class_start_steps"]:  # the surrogate the opening steps trained
+            with torch.no_grad():
+                patterns = p._runtime["class_start_fitted"]
+                seen["losses"] = [F.cross_entropy(model((x + q[y]).clamp(0, 1)), y).item() for q in (patterns, -patterns)]
+        out = original(model, x, y, idx, rnd, grey)
+        if p._runtime["fit_step"][0] == p._runtime["class_start_steps"]:
+            seen["store"], seen["visited"] = p._runtime["fit_noise"].clone(), set(idx.tolist())
+        return out
+
+    p._fit_noise = spy
+    p.fit(rows, progress=False)
+    assert p.fit_stats["steps"] == 4 + 20 and p.rules["class_start"].startswith("20 class-wise steps")  # 10 * 40 / 20
+    fitted = p._runtime.pop("class_start_fitted")
+    seeded = p.class_start_patterns(tuple(fitted.shape[1:]))  # the seeded draw the opening steps started from
+    p._runtime["class_start_fitted"] = fitted
+    assert fitted.shape[0] == p.num_classes and fitted.abs().max() <= 8 / 255 + 1e-6
+    assert (fitted - seeded).abs().mean() > 1 / 255  # the opening steps moved them (measured 6.5/255)
+    loss_fitted, loss_flipped = seen["losses"]  # against the same patterns negated, same energy
+    assert loss_fitted < 0.6 * loss_flipped, seen["losses"]  # measured 0.87 against 2.30
+    y = torch.tensor(rows["label"])
+    # rows the first per-image step did not visit hold their class's optimised pattern, untouched
+    unvisited = [r for r in range(len(rows)) if r not in seen["visited"]]
+    assert len(unvisited) == 20 and torch.equal(seen["store"][unvisited], fitted[y[unvisited]])
+    assert "class_start" in p._fit_state()  # a checkpoint keeps the patterns
+    protected = rows.map(p, batched=True, load_from_cache_file=False)
+    again = ue.Protector.from_pretrained(p.save_pretrained(tmp_path / "p"))
+    assert torch.equal(again._runtime["class_start_fitted"], fitted)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(rows.map(again, batched=True, load_from_cache_file=False)["image"], protected["image"]))  # fmt: skip
+    with pytest.raises(ValueError, match="needs noise_start='class'"):
+        ue.SEMProtect(class_start_epochs=1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_victim_learns_the_shortcut_not_the_images(sample_ds):
