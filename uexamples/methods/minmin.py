@@ -661,9 +661,13 @@ class MinMinProtector(AdditiveProtector):
         return y
 
     def _fit_state(self) -> dict[str, torch.Tensor]:
-        """Hook: the method's own loop state for a fit checkpoint (tensors); the persistent noise if kept."""
-        state = {name: self._runtime[key].cpu() for name, key in (("fit_noise", "fit_noise"), ("class_start",
-                 "class_start_fitted")) if self._runtime.get(key) is not None}  # fmt: skip
+        """Hook: the method's own loop state for a fit checkpoint (tensors): the persistent noise and the
+        optimised class patterns, where kept."""
+        state = {}
+        if self._runtime.get("fit_noise") is not None:
+            state["fit_noise"] = self._runtime["fit_noise"]
+        if self._runtime.get("class_start_fitted") is not None:
+            state["class_start"] = self._runtime["class_start_fitted"].cpu()
         return state
 
     def _restore_fit_state(self, state: dict[str, torch.Tensor]) -> None:
