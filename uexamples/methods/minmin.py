@@ -643,15 +643,15 @@ class MinMinProtector(AdditiveProtector):
         """State allocated once for the whole fit: with ``persistent_noise`` one noise per fit image, uniform
         in the bound to start with (a subclass adds its own: class-wise noise, text triggers); with
         ``class_start_epochs`` the class patterns the opening class-wise steps optimise (seeded start)."""
-        if float(self.config.class_start_epochs) > 0:
-            patterns = self.class_start_patterns(tuple(x_all.shape[1:])).clone()
-            self._runtime["class_start_fitted"] = patterns.to(self.device)
-            self._runtime["fit_labels"] = y_all.cpu()  # each image's store row starts from its class's pattern
-        if self.config.persistent_noise and self.config.noise_start == "class":
-            self._runtime["fit_noise"] = self.class_start_patterns(tuple(x_all.shape[1:]))[y_all.cpu()].clone()
+        seeded = self.class_start_patterns(tuple(x_all.shape[1:])) if self.config.noise_start == "class" else None
+        if self.config.persistent_noise and seeded is not None:  # the store stays on the CPU (images x pixels)
+            self._runtime["fit_noise"] = seeded[y_all.cpu()].clone()
         elif self.config.persistent_noise:
             eps = float(self.config.epsilon)
             self._runtime["fit_noise"] = (torch.rand(x_all.shape, generator=gen) * 2 - 1) * eps
+        if float(self.config.class_start_epochs) > 0:  # optimised from the seeded draw by the opening steps
+            self._runtime["class_start_fitted"] = seeded.clone().to(self.device)
+            self._runtime["fit_labels"] = y_all.cpu()  # each image's store row restarts from its class's pattern
 
     def _finish_fit(self, model, x_all, y_all, grey_all, gen) -> None:
         """Hook run after the bilevel loop."""
