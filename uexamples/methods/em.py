@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..core.additive import project_grey
 from ..core.options import option
 from ..core.registry import register_method
-from .minmin import MinMinConfig, MinMinProtector
+from .minmin import MinMinConfig, MinMinProtector, patterns_at_size
 
 NOISE_TYPES = ("sample-wise", "class-wise")
 
@@ -107,9 +106,7 @@ class EMProtect(MinMinProtector):
     def perturbation(self, x, batch, grey) -> torch.Tensor:
         if not self.class_wise:
             return super().perturbation(x, batch, grey)
-        noise = self._runtime["class_noise"].cpu()
-        if noise.shape[-2:] != x.shape[-2:]:  # fitted natively on images of another size
-            noise = F.interpolate(noise, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        noise = patterns_at_size(self._runtime["class_noise"].cpu(), x.shape[-2:])  # fitted at another size: resized
         return project_grey((x + noise[self.targets_for(batch)]).clamp(0, 1) - x, grey)
 
     def _fitted_arrays(self) -> dict[str, np.ndarray]:

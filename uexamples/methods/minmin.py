@@ -105,6 +105,14 @@ class MinMinConfig(AdditiveConfig):
                                "third of its effect); others on the 32 px grid. 0: always the grid")  # fmt: skip
 
 
+def patterns_at_size(patterns: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Per-class noise patterns (classes x C x H x W) for images of ``size`` (H, W): as they are, or resized
+    bilinearly when they were fitted at another working size (natively on images of one size)."""
+    if tuple(patterns.shape[-2:]) == tuple(size):
+        return patterns
+    return F.interpolate(patterns.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def pgd_ascent(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: float, step: float, steps: int, init: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
@@ -250,15 +258,15 @@ class MinMinProtector(AdditiveProtector):
         cfg = self.config
         if cfg.train_epochs is None:
             return int(cfg.train_steps), int(cfg.train_steps)
-        bs = min(int(cfg.train_batch_size), max(1, images))
-
-        def steps_for(epochs: float) -> int:  # the 1e-9 keeps 2.4 epochs of 8,000 at 150 steps, not 151
-            return math.ceil(float(epochs) * images / bs - 1e-9)
-
         cap = int(cfg.train_steps)
         if cfg.min_train_epochs is not None:
-            cap = max(cap, steps_for(cfg.min_train_epochs))
-        return int(min(cap, max(int(cfg.min_train_steps), steps_for(cfg.train_epochs)))), cap
+            cap = max(cap, self._steps_for_epochs(cfg.min_train_epochs, images))
+        return int(min(cap, max(int(cfg.min_train_steps), self._steps_for_epochs(cfg.train_epochs, images)))), cap
+
+    def _steps_for_epochs(self, epochs: float, images: int) -> int:
+        """Fit steps of ``train_batch_size`` (at most the whole set) that make ``epochs`` passes over ``images``."""
+        bs = min(int(self.config.train_batch_size), max(1, images))
+        return math.ceil(float(epochs) * images / bs - 1e-9)  # the 1e-9 keeps 2.4 epochs of 8,000 at 150 steps, not 151
 
     # ------------------------------------------------------------------ state
     def native_limit(self) -> int | None:
@@ -410,9 +418,7 @@ class MinMinProtector(AdditiveProtector):
         fit and a reloaded protector's map start a class from the same pattern, on any process)."""
         fitted = self._runtime.get("class_start_fitted")
         if fitted is not None:
-            if tuple(fitted.shape[1:]) == shape:
-                return fitted
-            return F.interpolate(fitted.float(), size=shape[-2:], mode="bilinear", align_corners=False)
+            return patterns_at_size(fitted, shape[-2:])
         cache = self._runtime.setdefault("class_start", {})
         if shape not in cache:
             gen = torch.Generator().manual_seed(int(self.config.seed) + 0x5EED)  # not the fit's own stream
@@ -635,9 +641,7 @@ class MinMinProtector(AdditiveProtector):
     def _class_start_length(self, images: int) -> int:
         """Class-wise steps that open the fit: ceil(class_start_epochs * images / batch), 0 when off."""
         epochs = float(self.config.class_start_epochs)
-        if epochs <= 0:
-            return 0
-        return max(1, math.ceil(epochs * images / min(int(self.config.train_batch_size), max(1, images)) - 1e-9))
+        return max(1, self._steps_for_epochs(epochs, images)) if epochs > 0 else 0
 
     def _prepare_fit(self, x_all: torch.Tensor, y_all: torch.Tensor, gen: torch.Generator) -> None:
         """State allocated once for the whole fit: with ``persistent_noise`` one noise per fit image, uniform
@@ -772,4 +776,4 @@ class MinMinProtector(AdditiveProtector):
         return cfg.final_noise_steps * cfg.final_eot_draws * inner
 
 
-__all__ = ["FitState", "MinMinConfig", "MinMinProtector", "pgd_ascent", "to_fast_layout", "uniform_per_copy"]
+__all__ = ["FitState", "MinMinConfig", "MinMinProtector", "patterns_at_size", "pgd_ascent", "to_fast_layout", "uniform_per_copy"]
