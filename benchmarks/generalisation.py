@@ -176,13 +176,14 @@ def run(args) -> dict:
         old = report["variants"].get(spec)
         victims = victim_names(args.victims)
         for arch in victims:
-            measured = measured_clean(spec, arch, epochs)
+            measured = None if args.monitor else measured_clean(spec, arch, epochs)  # --monitor: the curves too
             if measured is not None:
                 entry["clean"][arch] = measured  # deterministic: measured once for this recipe, in any results file
             else:
                 r = train_victim(clean_x, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
-                                 desc=f"{spec} clean {arch}", **victim_spec(arch))  # fmt: skip
-                entry["clean"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
+                                 desc=f"{spec} clean {arch}", monitor=monitors(args.monitor, clean_x, clean_y),
+                                 **victim_spec(arch))  # fmt: skip
+                entry["clean"][arch] = victim_row(r)
             print(f"[{spec}] clean {arch}: {entry['clean'][arch]['final']:.4f}", flush=True)
         if old:
             entry["methods"] = {m: v for m, v in old.get("methods", {}).items() if m not in args.methods.split(",")}
@@ -200,14 +201,36 @@ def run(args) -> dict:
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
             for arch in victims:
                 r = train_victim(px, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
-                                 desc=f"{spec} {method} {arch}", **victim_spec(arch))  # fmt: skip
-                row["victims"][arch] = {"final": r.final_accuracy, "best": r.best_accuracy}
+                                 desc=f"{spec} {method} {arch}", monitor=monitors(args.monitor, clean_x, clean_y, px),
+                                 **victim_spec(arch))  # fmt: skip
+                row["victims"][arch] = victim_row(r)
                 print(f"[{spec}] {method} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
                       f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
             entry["methods"][method] = row
             report["variants"][spec] = entry
             out.write_text(json.dumps(report, indent=2, default=float))  # after every method: a long run keeps its rows
     return report
+
+
+def monitors(rows: int, clean_x: torch.Tensor, y: torch.Tensor, protected_x: torch.Tensor | None = None) -> dict:
+    """``--monitor N``: the first N training images scored after every victim epoch, clean (what the victim learns
+    of the real images it trains on) and, for a protected victim, as protected (when it learns the shortcut)."""
+    if not rows:
+        return {}
+    sets = {"clean_train": (clean_x[:rows], y[:rows])}
+    if protected_x is not None:
+        sets["protected_train"] = (protected_x[:rows], y[:rows])
+    return sets
+
+
+def victim_row(r) -> dict:
+    """A victim's entry: final and best test accuracy, and what its final model predicts per class on the test
+    split (recall of each class, share of the test images given each class); with ``--monitor`` the curves."""
+    row = {"final": r.final_accuracy, "best": r.best_accuracy, "recall_per_class": r.final_recall_per_class,
+           "prediction_share": r.final_prediction_share}  # fmt: skip
+    if r.monitor_curves:
+        row["curves"] = {"test": r.curve, **r.monitor_curves}
+    return row
 
 
 def protect(method: str, args, train: datasets.Dataset, res: int):
@@ -267,6 +290,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--suffix", default="", help="results file generalisation<suffix>.json (runs side by side)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--monitor", type=int, default=0, metavar="N",
+                   help="diagnostic: score the first N training images after every victim epoch, clean and protected "
+                        "(when the shortcut is learned, how much of the real images beside it); retrains the clean victim")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     dispatch(p, run, table, argv)

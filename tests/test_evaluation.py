@@ -255,6 +255,28 @@ def test_clean_victim_learns_on_real_cifar():
 
 
 @pytest.mark.unit
+def test_victim_reports_per_class_recall_prediction_shares_and_monitor_curves():
+    """The per-class view of a victim's final model and the per-epoch monitor sets: a monitor set equal to the test
+    split gives the test curve, the recalls average to the balanced accuracy and weight to the accuracy, the shares
+    sum to one (catches recall taken over predicted instead of true classes, unnormalised shares, a monitor scored
+    with another model or in train mode)."""
+    gen = torch.Generator().manual_seed(0)
+    tx, ty = torch.rand(96, 3, 16, 16, generator=gen), torch.arange(96) % 3
+    tx[ty == 1] += 0.5  # something to learn: one class brighter
+    sx, sy = torch.rand(40, 3, 16, 16, generator=gen), torch.tensor([0] * 20 + [1] * 12 + [2] * 8)
+    sx[sy == 1] += 0.5
+    res = train_victim(tx.clamp(0, 1), ty, sx.clamp(0, 1), sy, arch="tinycnn", epochs=3, batch_size=32, progress=False,
+                       num_classes=4, monitor={"test_again": (sx.clamp(0, 1), sy), "train": (tx.clamp(0, 1), ty)})  # fmt: skip
+    assert res.monitor_curves["test_again"] == res.curve and len(res.monitor_curves["train"]) == 3
+    recall, share = res.final_recall_per_class, res.final_prediction_share
+    assert len(recall) == len(share) == 4 and recall[3] is None  # no test image of class 3
+    assert np.mean(recall[:3]) == pytest.approx(res.final_balanced_accuracy)
+    assert sum(share) == pytest.approx(1.0)
+    # accuracy = sum over classes of recall x the class's share of the test split
+    assert sum(r * n / 40 for r, n in zip(recall[:3], (20, 12, 8))) == pytest.approx(res.final_accuracy)
+
+
+@pytest.mark.unit
 def test_transformers_victims_build_from_config():
     from transformers import ResNetConfig
 

@@ -74,6 +74,13 @@ class VictimResult:
     # stays near the majority rate whatever the victim learnt
     final_balanced_accuracy: float | None = None
     final_auc: float | None = None
+    # what the final model predicts on the test split: per true class, its recall; per class, the share of
+    # test images predicted as it (a protected victim falls back on a few classes where the shortcut is absent)
+    final_recall_per_class: list[float | None] = field(default_factory=list)  # None: no test image of the class
+    final_prediction_share: list[float] = field(default_factory=list)
+    # accuracy per epoch on each ``monitor`` set (e.g. the protected training images and the same images clean:
+    # when the shortcut is learned, and how much of the real images is learned beside it)
+    monitor_curves: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -120,13 +127,16 @@ def train_victim(
     progress: bool = True,
     desc: str = "victim",
     on_epoch: Callable[[int, float], None] | None = None,
+    monitor: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> VictimResult:
     """Train ``arch`` from scratch on (train_x, train_y) under ``countermeasure``; clean-test accuracy per epoch.
 
     Built-in nets: SGD (momentum 0.9, Nesterov, lr 0.05). transformers victims: AdamW
     (lr 1e-3), which trains ViTs from scratch far better than SGD; both
     with a warm-up + cosine schedule. Always random crop +
-    flip; the countermeasure adds its preprocessing, its training-set mix and its loss.
+    flip; the countermeasure adds its preprocessing, its training-set mix and its loss. ``monitor``: named
+    (images, labels) sets scored after every epoch as they are (no augmentation, no countermeasure), in
+    ``monitor_curves``.
     """
     cm = countermeasure or Countermeasure()
     dev = resolve_device(device)
@@ -145,6 +155,7 @@ def train_victim(
     steps_per_epoch = (len(x_all) + batch_size - 1) // batch_size
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(epochs * steps_per_epoch))
     curve: list[float] = []
+    monitor_curves: dict[str, list[float]] = {}
     start = time.time()
     bar = progress_bar(range(epochs), desc=desc, progress=progress)
     for epoch in bar:
@@ -159,11 +170,15 @@ def train_victim(
             opt.step()
             sched.step()
         curve.append(accuracy(model, test_x, test_y, device=dev))
+        for name, (mx, my) in (monitor or {}).items():
+            monitor_curves.setdefault(name, []).append(accuracy(model, mx, my, device=dev))
         bar.set_postfix(test_acc=f"{curve[-1]:.3f}")
         if on_epoch is not None:
             on_epoch(epoch + 1, curve[-1])
     best = int(np.argmax(curve))
     probs = class_probabilities(model, test_x, device=dev).numpy()
-    y = test_y.numpy()
+    y, predicted = test_y.numpy(), probs.argmax(1)
+    recall = [float((predicted[y == c] == c).mean()) if (y == c).any() else None for c in range(num_classes)]
+    share = (np.bincount(predicted, minlength=num_classes) / max(1, len(y))).tolist()
     return VictimResult(curve[-1], curve[best], best + 1, curve, time.time() - start,
-                        balanced_accuracy(y, probs.argmax(1)), macro_auc(y, probs))  # fmt: skip
+                        balanced_accuracy(y, predicted), macro_auc(y, probs), recall, share, monitor_curves)  # fmt: skip
