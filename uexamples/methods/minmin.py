@@ -96,10 +96,6 @@ class MinMinConfig(AdditiveConfig):
                                        "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
                                        "that every image starts from an *optimised* class pattern, at fit and at map (the "
                                        "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
-    surrogate_average: float = option(0.0, "the final pass (map) runs against an exponential moving average of the "
-                                      "surrogate's weights over the fit instead of its last weights: decay 1 - 1/W "
-                                      "with W = surrogate_average x fit steps (a running mean for the first W steps); "
-                                      "0: the last weights, as the papers do")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -153,8 +149,6 @@ class FitState:
     acc_curve: list = dataclasses.field(default_factory=list)  # acc_ema every 10 steps: did the noise become a shortcut?
     passes: int = 0
     method_state: dict = dataclasses.field(default_factory=dict)
-    average: dict | None = None  # the surrogate's averaged weights (``surrogate_average``), None when off
-    averaged_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -162,8 +156,7 @@ class FitState:
             "scheduler": self.scheduler.state_dict(), "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "order": self.order, "pos": self.pos, "acc_ema": self.acc_ema,
             "acc_curve": list(self.acc_curve),
-            "passes": self.passes, "method_state": self.method_state, "average": self.average,
-            "averaged_steps": self.averaged_steps,
+            "passes": self.passes, "method_state": self.method_state,
         }  # fmt: skip
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -175,24 +168,6 @@ class FitState:
         self.order, self.pos, self.acc_ema = saved["order"], int(saved["pos"]), saved["acc_ema"]
         self.acc_curve = list(saved.get("acc_curve", []))
         self.step, self.passes, self.method_state = int(saved["step"]), int(saved["passes"]), saved["method_state"]
-        self.average, self.averaged_steps = saved.get("average"), int(saved.get("averaged_steps", 0))
-
-    def update_average(self, window: float) -> None:
-        """Fold the model's weights into the exponential moving average of window ``window`` steps (a running
-        mean while fewer steps have been averaged). Integer buffers (batch-norm's step count) take the latest."""
-        if window <= 0:
-            return
-        current = self.model.state_dict()
-        self.averaged_steps += 1
-        if self.average is None:
-            self.average = {k: v.detach().clone() for k, v in current.items()}
-            return
-        keep = max(0.0, min(1.0 - 1.0 / window, 1.0 - 1.0 / self.averaged_steps))
-        for k, v in current.items():
-            if v.is_floating_point():
-                self.average[k].mul_(keep).add_(v.detach(), alpha=1.0 - keep)
-            else:
-                self.average[k].copy_(v)
 
 
 class MinMinProtector(AdditiveProtector):
@@ -243,8 +218,6 @@ class MinMinProtector(AdditiveProtector):
         for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
             if not float(getattr(cfg, name)) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
-        if not 0 <= float(cfg.surrogate_average) <= 1:
-            raise ValueError(f"surrogate_average is a fraction of the fit's steps in [0, 1], got {cfg.surrogate_average!r}")
         if cfg.noise_start not in ("uniform", "class"):
             raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
         if not float(cfg.class_start_epochs) >= 0:
@@ -591,7 +564,6 @@ class MinMinProtector(AdditiveProtector):
             correct = self._model_phase(model, train_model, opt, x, y, delta, rnd)
             acc = float(dp.sum(torch.tensor(float(correct)))) / bs
             sched.step()
-            state.update_average(float(cfg.surrogate_average) * total)
             state.acc_ema = acc if state.acc_ema is None else 0.9 * state.acc_ema + 0.1 * acc
             state.step = step + 1
             if step % 10 == 0:
@@ -607,10 +579,6 @@ class MinMinProtector(AdditiveProtector):
         self.fit_stats = {"steps": state.step, "planned_steps": total, "train_accuracy": state.acc_ema,
                           "train_accuracy_every_10_steps": state.acc_curve, "seconds": time.time() - started,
                           "processes": dp.world, "resumed_at_step": first}  # fmt: skip
-        if state.average is not None:  # the final pass and the saved protector use the averaged weights
-            model.load_state_dict(state.average)
-            self._set_rule("surrogate_average", f"final pass against the surrogate's weights averaged over the fit "
-                                                f"(window {float(cfg.surrogate_average) * total:.0f} of {total} steps)")  # fmt: skip
         model.eval()
         self._runtime.pop("dp", None)
         self._runtime.pop("fit_step", None)
