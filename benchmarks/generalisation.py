@@ -43,6 +43,7 @@ other variants); ``--table`` prints the Markdown table.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -276,6 +277,42 @@ def table() -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=None)
+def class_names(base: str) -> list[str]:
+    """The label names of a shared dataset (its test split's ClassLabel), or none."""
+    feature = datasets.load_dataset(str(SHARED_DATASETS / base), split="test").features.get("label")
+    return list(getattr(feature, "names", None) or [])
+
+
+def diagnosis_table() -> str:
+    """The victims recorded with ``--monitor``: per epoch, accuracy on the first N training images clean (what the
+    victim learns of the real images) and protected (the shortcut), the test accuracy, and at the end the classes
+    the final model gives most of the test images (a protected victim falls back on a few)."""
+    lines = ["| dataset | victim | epoch: test / train clean / train protected (%) | final test | most predicted classes (share of test) | file |",
+             "|---|---|---|---:|---|---|"]  # fmt: skip
+    for path in sorted(RESULTS.glob("generalisation*.json")):
+        for spec, e in json.loads(path.read_text())["variants"].items():
+            runs = [(f"clean {a}", v) for a, v in e["clean"].items()]
+            runs += [(f"{method} {a}", v) for method, m in e["methods"].items() for a, v in m["victims"].items()]
+            for who, v in runs:
+                if "curves" not in v:
+                    continue
+                c = v["curves"]
+                epochs = len(c["test"])
+                marks = sorted({1, 2, 3, epochs // 2, epochs})
+                cells = ", ".join(
+                    f"{k}: {100 * c['test'][k - 1]:.0f} / {100 * c['clean_train'][k - 1]:.0f}"
+                    + (f" / {100 * c['protected_train'][k - 1]:.0f}" if "protected_train" in c else "")
+                    for k in marks
+                )
+                share = v.get("prediction_share") or []
+                top = sorted(range(len(share)), key=lambda k: -share[k])[:3]
+                names = class_names(spec.split("@")[0])
+                most = ", ".join(f"{names[k] if k < len(names) else k} {100 * share[k]:.0f} %" for k in top)
+                lines.append(f"| {spec} | {who} | {cells} | {100 * v['final']:.1f} % | {most} | `{path.name}` |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = benchmark_parser(__doc__)
     p.add_argument("--variants", default="cifar10-10k@n500,cifar10-10k@n2000")
@@ -295,6 +332,10 @@ def main(argv=None) -> None:
                         "(when the shortcut is learned, how much of the real images beside it); retrains the clean victim")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
+    p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
+    if p.parse_args(argv).diagnosis:
+        print(diagnosis_table())
+        return
     dispatch(p, run, table, argv)
 
 
