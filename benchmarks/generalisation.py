@@ -148,12 +148,15 @@ def victim_names(text: str) -> list[str]:
     return split_specs(text, lambda part: "=" in part.split("#")[0])
 
 
-def measured_clean(spec: str, arch: str, epochs: int) -> dict | None:
+def measured_clean(spec: str, arch: str, epochs: int, with_curves: bool = False) -> dict | None:
     """The clean victim of this variant and recipe if a results file already holds it (runs side by side
-    write different files; the seeded 1-thread victim gives the same numbers every time)."""
+    write different files; the seeded 1-thread victim gives the same numbers every time); ``with_curves``: only
+    one recorded with ``--monitor``."""
     for path in sorted(RESULTS.glob("generalisation*.json")):
         entry = json.loads(path.read_text())["variants"].get(spec)
         if entry and entry.get("victim_epochs") == epochs and arch in entry.get("clean", {}):
+            if with_curves and "curves" not in entry["clean"][arch]:
+                continue
             return entry["clean"][arch]
     return None
 
@@ -177,7 +180,7 @@ def run(args) -> dict:
         old = report["variants"].get(spec)
         victims = victim_names(args.victims)
         for arch in victims:
-            measured = None if args.monitor else measured_clean(spec, arch, epochs)  # --monitor: the curves too
+            measured = measured_clean(spec, arch, epochs, with_curves=bool(args.monitor))
             if measured is not None:
                 entry["clean"][arch] = measured  # deterministic: measured once for this recipe, in any results file
             else:
