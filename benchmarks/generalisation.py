@@ -203,17 +203,34 @@ def run(args) -> dict:
                    # the surrogate's running accuracy on the noisy fit batches at the end: did the noise become a shortcut?
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
-            for arch in victims:
-                r = train_victim(px, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
-                                 desc=f"{spec} {method} {arch}", monitor=monitors(args.monitor, clean_x, clean_y, px),
-                                 **victim_spec(arch))  # fmt: skip
-                row["victims"][arch] = victim_row(r)
-                print(f"[{spec}] {method} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
-                      f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
-            entry["methods"][method] = row
-            report["variants"][spec] = entry
-            out.write_text(json.dumps(report, indent=2, default=float))  # after every method: a long run keeps its rows
+            trained_on = [(method, px, row)]
+            if args.shuffle_noise:  # the same noises, each moved onto another image of its class
+                trained_on.append((f"{method}@shuffled_noise", noise_shuffled_within_class(px, clean_x, clean_y), dict(row, victims={})))
+            for name, images, out_row in trained_on:
+                for arch in victims:
+                    r = train_victim(images, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
+                                     desc=f"{spec} {name} {arch}", monitor=monitors(args.monitor, clean_x, clean_y, images),
+                                     **victim_spec(arch))  # fmt: skip
+                    out_row["victims"][arch] = victim_row(r)
+                    print(f"[{spec}] {name} {arch}: final {r.final_accuracy:.4f} ({r.final_accuracy / entry['clean'][arch]['final']:.2f}"
+                          f" of clean), fit {fit_s:.0f} s ({row['fit_steps']} steps), map {map_s:.0f} s", flush=True)  # fmt: skip
+                entry["methods"][name] = out_row
+                report["variants"][spec] = entry
+                out.write_text(json.dumps(report, indent=2, default=float))  # after every victim set: a long run keeps its rows
     return report
+
+
+def noise_shuffled_within_class(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``--shuffle-noise``: every image gets the stored noise of another image of its class (a seeded permutation
+    within each class), clipped to [0, 1]. The noise still tells the class; it no longer belongs to the image it
+    lies on. Does a protected victim's leftover test accuracy come from noise that follows its image's content?"""
+    noise = protected_x - clean_x
+    order = torch.arange(len(y))
+    gen = torch.Generator().manual_seed(seed)
+    for c in y.unique():
+        rows = (y == c).nonzero().flatten()
+        order[rows] = rows[torch.randperm(len(rows), generator=gen)]
+    return (clean_x + noise[order]).clamp(0, 1)
 
 
 def monitors(rows: int, clean_x: torch.Tensor, y: torch.Tensor, protected_x: torch.Tensor | None = None) -> dict:
@@ -333,6 +350,9 @@ def main(argv=None) -> None:
     p.add_argument("--monitor", type=int, default=0, metavar="N",
                    help="diagnostic: score the first N training images after every victim epoch, clean and protected "
                         "(when the shortcut is learned, how much of the real images beside it); retrains the clean victim")
+    p.add_argument("--shuffle-noise", action="store_true",
+                   help="diagnostic: also train the victims on the same noises moved onto other images of their class "
+                        "(row METHOD@shuffled_noise)")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
