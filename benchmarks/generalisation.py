@@ -204,8 +204,10 @@ def run(args) -> dict:
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
             trained_on = [(method, px, row)]
-            if args.shuffle_noise:  # the same noises, each moved onto another image of its class
-                trained_on.append((f"{method}@shuffled_noise", noise_shuffled_within_class(px, clean_x, clean_y), dict(row, victims={})))
+            if args.shuffle_noise == "within":  # the same noises, each moved onto another image of its class
+                trained_on.append((f"{method}@shuffled_noise", moved_noise(px, clean_x, clean_y), dict(row, victims={})))
+            elif args.shuffle_noise == "next-class":  # each image gets a noise made for the next class, labels kept
+                trained_on.append((f"{method}@noise_of_next_class", moved_noise(px, clean_x, clean_y, shift=1), dict(row, victims={})))
             for name, images, out_row in trained_on:
                 for arch in victims:
                     r = train_victim(images, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
@@ -220,16 +222,22 @@ def run(args) -> dict:
     return report
 
 
-def noise_shuffled_within_class(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """``--shuffle-noise``: every image gets the stored noise of another image of its class (a seeded permutation
-    within each class), clipped to [0, 1]. The noise still tells the class; it no longer belongs to the image it
-    lies on. Does a protected victim's leftover test accuracy come from noise that follows its image's content?"""
+def moved_noise(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tensor, shift: int = 0, seed: int = 0) -> torch.Tensor:
+    """``--shuffle-noise``: every image gets the stored noise of a random image of class (its class + ``shift``) mod
+    classes (a seeded draw; ``shift=0``: a permutation within each class), clipped to [0, 1]; the labels stay.
+    shift 0: the noise still tells the class but no longer belongs to the image under it (does a protected victim's
+    leftover accuracy come from noise that follows its image's content?); shift 1: the noise a class's images carry
+    was made for the next class (does a class's noise look to a victim like that class's real images?)."""
     noise = protected_x - clean_x
-    order = torch.arange(len(y))
+    classes = int(y.max()) + 1
     gen = torch.Generator().manual_seed(seed)
-    for c in y.unique():
-        rows = (y == c).nonzero().flatten()
-        order[rows] = rows[torch.randperm(len(rows), generator=gen)]
+    order = torch.arange(len(y))
+    for c in range(classes):
+        rows, donors = (y == c).nonzero().flatten(), (y == (c + shift) % classes).nonzero().flatten()
+        if shift == 0:
+            order[rows] = rows[torch.randperm(len(rows), generator=gen)]
+        else:
+            order[rows] = donors[torch.randint(len(donors), (len(rows),), generator=gen)]
     return (clean_x + noise[order]).clamp(0, 1)
 
 
@@ -352,9 +360,10 @@ def main(argv=None) -> None:
     p.add_argument("--monitor", type=int, default=0, metavar="N",
                    help="diagnostic: score the first N training images after every victim epoch, clean and protected "
                         "(when the shortcut is learned, how much of the real images beside it); retrains the clean victim")
-    p.add_argument("--shuffle-noise", action="store_true",
+    p.add_argument("--shuffle-noise", choices=("within", "next-class"),
                    help="diagnostic: also train the victims on the same noises moved onto other images of their class "
-                        "(row METHOD@shuffled_noise)")
+                        "(within: row METHOD@shuffled_noise) or onto the images of the previous class, labels kept "
+                        "(next-class: METHOD@noise_of_next_class)")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
