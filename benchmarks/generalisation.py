@@ -203,7 +203,7 @@ def run(args) -> dict:
                    # the surrogate's running accuracy on the noisy fit batches at the end: did the noise become a shortcut?
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
-            trained_on = [(method, px, row)]
+            trained_on = [] if args.moved_noise_only else [(method, px, row)]
             if args.shuffle_noise == "within":  # the same noises, each moved onto another image of its class
                 trained_on.append((f"{method}@shuffled_noise", moved_noise(px, clean_x, clean_y), dict(row, victims={})))
             elif args.shuffle_noise == "next-class":  # each image gets a noise made for the next class, labels kept
@@ -364,6 +364,8 @@ def main(argv=None) -> None:
                    help="diagnostic: also train the victims on the same noises moved onto other images of their class "
                         "(within: row METHOD@shuffled_noise) or onto the images of the previous class, labels kept "
                         "(next-class: METHOD@noise_of_next_class)")
+    p.add_argument("--moved-noise-only", action="store_true",
+                   help="with --shuffle-noise: only the moved-noise victims (the method's own were measured before)")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
