@@ -37,6 +37,17 @@ measures what the two resizes alone cost the victim. On enlarged images (``@64``
 method's protection at the images' original size would survive at the larger one, and so whether a
 shortfall comes from the method at that size or from the victim.
 
+Every victim records its final model's recall per class and the share of the test images it gives each class.
+``--monitor N`` (a diagnostic) also scores the first N training images after every victim epoch, clean and
+protected: when a victim learns the shortcut, and how much of the real images it learns beside it.
+``--shuffle-noise within|next-class`` (a diagnostic) also trains the victims on the same stored noises moved onto
+other images of their class, or onto the images of the previous class with the labels kept
+(``--moved-noise-only``: only those). ``--diagnosis`` prints the table of the monitored victims:
+
+    python benchmarks/generalisation.py --variants cifar10-10k --methods sem --victims convnet --monitor 2000 \
+        --shuffle-noise within --suffix _shuffle_cifar10k
+    python benchmarks/generalisation.py --diagnosis
+
 Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged with the file's
 other variants); ``--table`` prints the Markdown table.
 """
@@ -162,6 +173,8 @@ def measured_clean(spec: str, arch: str, epochs: int, with_curves: bool = False)
 
 
 def run(args) -> dict:
+    if args.moved_noise_only and not args.shuffle_noise:
+        raise SystemExit("--moved-noise-only needs --shuffle-noise within|next-class (else no victim would train)")
     torch.set_num_threads(args.threads)
     if args.quiet:
         datasets.disable_progress_bars()
