@@ -247,10 +247,9 @@ def moved_noise(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tenso
     order = torch.arange(len(y))
     for c in range(classes):
         rows, donors = (y == c).nonzero().flatten(), (y == (c + shift) % classes).nonzero().flatten()
-        if shift == 0:
-            order[rows] = rows[torch.randperm(len(rows), generator=gen)]
-        else:
-            order[rows] = donors[torch.randint(len(donors), (len(rows),), generator=gen)]
+        # within a class a permutation (every noise used once); from another class a draw (class sizes differ)
+        pick = torch.randperm(len(rows), generator=gen) if shift == 0 else torch.randint(len(donors), (len(rows),), generator=gen)
+        order[rows] = donors[pick]
     return (clean_x + noise[order]).clamp(0, 1)
 
 
@@ -372,7 +371,8 @@ def main(argv=None) -> None:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--monitor", type=int, default=0, metavar="N",
                    help="diagnostic: score the first N training images after every victim epoch, clean and protected "
-                        "(when the shortcut is learned, how much of the real images beside it); retrains the clean victim")
+                        "(when the shortcut is learned, how much of the real images beside it); the clean victim is retrained "
+                        "unless a results file holds one recorded with curves")
     p.add_argument("--shuffle-noise", choices=("within", "next-class"),
                    help="diagnostic: also train the victims on the same noises moved onto other images of their class "
                         "(within: row METHOD@shuffled_noise) or onto the images of the previous class, labels kept "

@@ -51,6 +51,17 @@ def ssim(a: np.ndarray, b: np.ndarray, maxval: float = 1.0) -> float:
     return float(s.mean())
 
 
+def recall_per_class(y_true: np.ndarray, y_pred: np.ndarray, classes) -> list[float | None]:
+    """For each class of ``classes`` the share of its images predicted as it; None for a class with no image in
+    ``y_true``.
+
+    >>> recall_per_class(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), range(3))
+    [0.5, 1.0, None]
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return [float((y_pred[y_true == c] == c).mean()) if (y_true == c).any() else None for c in classes]
+
+
 def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """Mean recall over the classes present in ``y_true``: 1/C for a constant guess whatever the class
     balance (plain accuracy gives the majority rate, 73 % on BreastMNIST, to a victim that learnt nothing).
@@ -58,8 +69,7 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     >>> balanced_accuracy(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]))
     0.5
     """
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    recalls = [float((y_pred[y_true == c] == c).mean()) for c in np.unique(y_true)]
+    recalls = recall_per_class(y_true, y_pred, np.unique(y_true))  # every class present: no None
     return float(np.mean(recalls)) if recalls else float("nan")
 
 

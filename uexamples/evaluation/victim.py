@@ -24,7 +24,7 @@ from ..core.progress import progress_bar
 from ..core.schedules import warmup_cosine  # noqa: F401  (importable from here as before)
 from ..surrogates import BUILTIN, transformers_from_config
 from .countermeasures import Countermeasure
-from .metrics import balanced_accuracy, macro_auc
+from .metrics import balanced_accuracy, macro_auc, recall_per_class
 
 VictimSpec = Any  # str | transformers.PretrainedConfig | dict | Callable[[int], nn.Module]
 
@@ -178,7 +178,7 @@ def train_victim(
     best = int(np.argmax(curve))
     probs = class_probabilities(model, test_x, device=dev).numpy()
     y, predicted = test_y.numpy(), probs.argmax(1)
-    recall = [float((predicted[y == c] == c).mean()) if (y == c).any() else None for c in range(num_classes)]
+    recall = recall_per_class(y, predicted, range(num_classes))
     share = (np.bincount(predicted, minlength=num_classes) / max(1, len(y))).tolist()
     return VictimResult(curve[-1], curve[best], best + 1, curve, time.time() - start,
                         balanced_accuracy(y, predicted), macro_auc(y, probs), recall, share, monitor_curves)  # fmt: skip
