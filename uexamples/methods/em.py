@@ -75,8 +75,6 @@ class EMProtect(MinMinProtector):
             raise ValueError("persistent_noise is for sample-wise noise: class-wise noise is kept through the fit already")
         if self.class_wise and self.config.noise_start == "class":  # its one noise per class starts from a draw already
             raise ValueError("noise_start='class' is for sample-wise noise: class-wise noise is one pattern per class already")
-        if self.class_wise and float(self.config.class_component) > 0:
-            raise ValueError("class_component is for sample-wise noise: class-wise noise is one pattern per class already")
 
     @property
     def class_wise(self) -> bool:

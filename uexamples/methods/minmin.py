@@ -96,10 +96,6 @@ class MinMinConfig(AdditiveConfig):
                                        "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
                                        "that every image starts from an *optimised* class pattern, at fit and at map (the "
                                        "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
-    class_component: float = option(0.0, "share of epsilon given to a fixed class pattern (seeded signs, +-share*epsilon "
-                                    "per pixel and channel; grey images one value on R, G, B) that every image of a "
-                                    "class carries under its own noise, optimised within the rest of the bound, at fit "
-                                    "and at map. 0: off")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -230,10 +226,6 @@ class MinMinProtector(AdditiveProtector):
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
-        if not 0 <= float(cfg.class_component) < 1:
-            raise ValueError(f"class_component must be in [0, 1), got {cfg.class_component!r}")
-        if float(cfg.class_component) > 0 and not self.needs_labels:
-            raise ValueError(f"class_component needs class labels; {self.method} has none")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
                              "it needs persistent_noise=True")  # fmt: skip
@@ -400,20 +392,16 @@ class MinMinProtector(AdditiveProtector):
         """One update that *minimises* the objective: a signed-gradient step."""
         return delta.detach() - float(self.config.step_size) * grad.sign()
 
-    def search_radius(self) -> float:
-        """The L-inf radius the optimised noise moves in: epsilon, less the share of a ``class_component``."""
-        return float(self.config.epsilon) * (1 - float(self.config.class_component))
-
     def project(self, delta: torch.Tensor, x: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
-        """Back onto the allowed set: |delta| <= the search radius, x + delta a valid image, grey images grey."""
-        eps = self.search_radius()
+        """Back onto the allowed set: |delta| <= epsilon, x + delta a valid image, grey images grey."""
+        eps = float(self.config.epsilon)
         delta = delta.clamp(-eps, eps)
         delta = (x + delta).clamp(0, 1) - x
         return project_grey(delta, grey) if grey is not None else delta
 
     def initial_noise(self, x: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
         """Where the noise phase starts: uniform in the allowed set."""
-        eps = self.search_radius()
+        eps = float(self.config.epsilon)
         return self.project((rnd.rand(*x.shape[1:]).to(x.device) * 2 - 1) * eps, x, grey)
 
     def start_noise(self, x: torch.Tensor, y: torch.Tensor, rnd, grey: torch.Tensor | None) -> torch.Tensor:
@@ -437,26 +425,6 @@ class MinMinProtector(AdditiveProtector):
             eps = float(self.config.epsilon)
             cache[shape] = (torch.rand((self.num_classes, *shape), generator=gen) * 2 - 1) * eps
         return cache[shape]
-
-    def class_component_patterns(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """The fixed class patterns of ``class_component`` (classes x C x H x W): signs drawn from the seed alone
-        (so the fit and a reloaded protector's map add the same pattern, on any process), +-share*epsilon."""
-        cache = self._runtime.setdefault("class_component", {})
-        if shape not in cache:
-            gen = torch.Generator().manual_seed(int(self.config.seed) + 0xC1A55)  # not the fit's own stream
-            signs = torch.randint(0, 2, (self.num_classes, *shape), generator=gen).float() * 2 - 1
-            cache[shape] = signs * (float(self.config.epsilon) * float(self.config.class_component))
-        return cache[shape]
-
-    def with_class_component(self, x: torch.Tensor, y: torch.Tensor, grey: torch.Tensor | None) -> torch.Tensor:
-        """The images the optimised noise is added to: ``x`` itself, or ``x`` carrying its class's fixed pattern
-        (``class_component``; grey images get the first channel's on R, G and B), kept a valid image."""
-        if not float(self.config.class_component) > 0:
-            return x
-        pattern = self.class_component_patterns(tuple(x.shape[1:])).to(x.device)[y.to(x.device)]
-        if grey is not None and bool(grey.any()):
-            pattern = torch.where(grey.to(x.device)[:, None, None, None], pattern[:, :1].expand_as(pattern), pattern)
-        return (x + pattern).clamp(0, 1)
 
     def targets_for(self, batch: ProtectBatch) -> torch.Tensor:
         """What the objective compares the surrogate's output with, for a map batch: the labels."""
@@ -497,7 +465,7 @@ class MinMinProtector(AdditiveProtector):
         """K steps of class-wise noise (one pattern per class, ``noise[c]``): each class moves by the sign of
         its images' summed gradient, over the global batch of a data-parallel fit (class-wise EM)."""
         cfg = self.config
-        eps, alpha = self.search_radius(), float(cfg.step_size)
+        eps, alpha = float(cfg.epsilon), float(cfg.step_size)
         for _ in range(cfg.noise_steps):
             g = self.noise_gradient(model, x, y, noise[y], rnd, cfg.eot_draws)
             per_class = self._sum_over_processes(torch.zeros_like(noise).index_add_(0, y, g))
@@ -510,11 +478,9 @@ class MinMinProtector(AdditiveProtector):
         dev = self.device
         x, y = x.to(dev), self.targets_for(batch).to(dev)
         rnd = SampleRandom(batch.keys)
-        carried = self.with_class_component(x, y, grey)  # the class pattern, if any, under the optimised noise
-        delta = self._map_start_noise(batch, carried, self.start_noise(carried, y, rnd, grey), grey)
+        delta = self._map_start_noise(batch, x, self.start_noise(x, y, rnd, grey), grey)
         cfg = self.config
-        delta = self.noise_phase(model, carried, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey)
-        return (carried + delta - x).cpu()
+        return self.noise_phase(model, x, y, delta, rnd, cfg.final_noise_steps, cfg.final_eot_draws, grey).cpu()
 
     # ------------------------------------------------------------------ fit
     def _fit_rows(self, n: int) -> np.ndarray:
@@ -548,7 +514,6 @@ class MinMinProtector(AdditiveProtector):
         surrogate = self._build_surrogate(spec, dataset, columns)
         self._runtime = {"surrogate": surrogate, "dp": dp}
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)
-        x_all = self.with_class_component(x_all, y_all, grey_all)  # the fit sees what the map will publish
         dev = self.device
         model = surrogate.to(dev).model
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -174,8 +174,6 @@ class SALMProtect(MinMinProtector):
             raise ValueError(f"mask_ratio must be in (0, 1], got {cfg.mask_ratio!r}")
         if isinstance(cfg.window, bool) or not isinstance(cfg.window, int) or cfg.window < 1 or cfg.window % 2 == 0:
             raise ValueError(f"window must be an odd number of pixels >= 1, got {cfg.window!r}")
-        if float(cfg.class_component) > 0:  # it would change pixels outside the mask
-            raise ValueError("class_component is not for SALM: every pixel outside an image's mask stays as it was")
 
     @classmethod
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
