@@ -173,6 +173,9 @@ def measured_clean(spec: str, arch: str, epochs: int, with_curves: bool = False)
 
 
 def run(args) -> dict:
+    if args.diagnosis:
+        print(diagnosis_table())
+        return {}
     if args.moved_noise_only and not args.shuffle_noise:
         raise SystemExit("--moved-noise-only needs --shuffle-noise within|next-class (else no victim would train)")
     torch.set_num_threads(args.threads)
@@ -217,10 +220,9 @@ def run(args) -> dict:
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip
             trained_on = [] if args.moved_noise_only else [(method, px, row)]
-            if args.shuffle_noise == "within":  # the same noises, each moved onto another image of its class
-                trained_on.append((f"{method}@shuffled_noise", moved_noise(px, clean_x, clean_y), dict(row, victims={})))
-            elif args.shuffle_noise == "next-class":  # each image gets a noise made for the next class, labels kept
-                trained_on.append((f"{method}@noise_of_next_class", moved_noise(px, clean_x, clean_y, shift=1), dict(row, victims={})))
+            if args.shuffle_noise:
+                moved, shift = MOVED_NOISE[args.shuffle_noise]
+                trained_on.append((f"{method}@{moved}", moved_noise(px, clean_x, clean_y, shift=shift), dict(row, victims={})))
             for name, images, out_row in trained_on:
                 for arch in victims:
                     r = train_victim(images, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
@@ -233,6 +235,11 @@ def run(args) -> dict:
                 report["variants"][spec] = entry
                 out.write_text(json.dumps(report, indent=2, default=float))  # after every victim set: a long run keeps its rows
     return report
+
+
+# --shuffle-noise: the results row's name and the class shift of moved_noise ("within": each noise onto another
+# image of its class; "next-class": each image a noise made for the next class, labels kept)
+MOVED_NOISE = {"within": ("shuffled_noise", 0), "next-class": ("noise_of_next_class", 1)}
 
 
 def moved_noise(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tensor, shift: int = 0, seed: int = 0) -> torch.Tensor:
@@ -373,7 +380,7 @@ def main(argv=None) -> None:
                    help="diagnostic: score the first N training images after every victim epoch, clean and protected "
                         "(when the shortcut is learned, how much of the real images beside it); the clean victim is retrained "
                         "unless a results file holds one recorded with curves")
-    p.add_argument("--shuffle-noise", choices=("within", "next-class"),
+    p.add_argument("--shuffle-noise", choices=tuple(MOVED_NOISE),
                    help="diagnostic: also train the victims on the same noises moved onto other images of their class "
                         "(within: row METHOD@shuffled_noise) or onto the images of the previous class, labels kept "
                         "(next-class: METHOD@noise_of_next_class)")
@@ -382,9 +389,6 @@ def main(argv=None) -> None:
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
-    if p.parse_args(argv).diagnosis:
-        print(diagnosis_table())
-        return
     dispatch(p, run, table, argv)
 
 
