@@ -295,3 +295,45 @@ def test_resolution_rule_works_small_images_natively_and_records_it(small_ds, tm
     assert forced.working_resolution() == 32 and forced.rules["resolution"] == "32 (set explicitly)"
     fit_len = ue.SEMProtect(seed=0, train_epochs=1, min_train_steps=2, train_batch_size=32, noise_steps=1).fit(grey28, progress=False)
     assert fit_len.rules["fit_steps"] == "2 (train_epochs=1 over 24 images in batches of 24, within [2, 400])"
+
+
+@pytest.mark.unit
+def test_surrogate_restart_draws_new_weights_on_schedule(small_ds):
+    """surrogate_restart_every (a research option, off in every preset): the surrogate's layers draw new weights,
+    its batch-norm statistics and momentum are dropped, seeded by (seed, restart). Catches a restart that keeps
+    the trained weights, one that draws the same weights at every restart, or one that is not reproducible."""
+    from uexamples.methods.minmin import restart_surrogate
+    from uexamples.surrogates.layer import build_surrogate
+
+    model, _ = build_surrogate("tinycnn", num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def restarted(restart):
+        restart_surrogate(model, opt, seed=0, restart=restart)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    first, again, second = restarted(1), restarted(1), restarted(2)
+    weights = [k for k, v in trained.items() if v.is_floating_point() and v.dim() > 1]
+    assert weights and all(not torch.equal(first[k], trained[k]) for k in weights)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # seeded
+    assert all(not torch.equal(first[k], second[k]) for k in weights)  # each restart its own draw
+    assert len(opt.state) == 0
+    assert all(float(v.abs().sum()) == 0 for k, v in first.items() if k.endswith("running_mean"))
+
+    fit = dict(SMALL_FIT, train_steps=4, train_batch_size=32)
+    rows = small_ds.select(range(32))
+
+    def pixels(**kw):
+        p = ue.SEMProtect(seed=0, persistent_noise=True, **fit, **kw).fit(rows, progress=False)
+        return np.stack([np.asarray(im, np.int16) for im in rows.map(p, batched=True, load_from_cache_file=False)["image"]])
+
+    with_restarts = pixels(surrogate_restart_every=2)
+    assert np.array_equal(with_restarts, pixels(surrogate_restart_every=2))
+    assert (with_restarts != pixels()).mean() > 0.1
+    with pytest.raises(ValueError, match="surrogate_restart_every"):
+        ue.SEMProtect(surrogate_restart_every=-1)
