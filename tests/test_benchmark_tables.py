@@ -55,3 +55,16 @@ def test_generalisation_victim_columns_have_a_fixed_order(bench):
         victims = header.split(" | ")[5:-2]
         assert victims[:2] == ["convnet", "resnet20"]
         assert len(victims) > 2 and victims[2:] == sorted(victims[2:])
+
+
+def test_image_text_table_in_readme_is_the_results_files(bench):
+    """The generated image-caption table (every image_text_*.json) matches what the results files give."""
+    common, _ = bench
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        image_text = importlib.import_module("image_text")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    text = common.README.read_text(encoding="utf-8")
+    block = text.split("<!-- table:image_text -->\n")[1].split("<!-- /table:image_text -->\n")[0]
+    assert block == image_text.table().rstrip("\n") + "\n"
