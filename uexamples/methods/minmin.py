@@ -96,10 +96,6 @@ class MinMinConfig(AdditiveConfig):
                                        "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
                                        "that every image starts from an *optimised* class pattern, at fit and at map (the "
                                        "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
-    surrogate_restart_every: int = option(0, "re-initialise the surrogate's weights (and its optimiser state) every this "
-                                          "many fit steps, so that the persistent noise keeps being fitted against "
-                                          "young models, as a victim starts (seeded; layers without reset_parameters "
-                                          "keep their weights). 0: never")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -136,17 +132,6 @@ def uniform_per_copy(rnd, xt: torch.Tensor, draws: int, radius: float) -> torch.
     stacked draw-major, as ``repeat`` makes them): SEM's random offset, REM's PGD start."""
     u = (rnd.rand(draws, *xt.shape[1:]).to(xt.device) * 2 - 1) * radius
     return u.transpose(0, 1).reshape_as(xt)
-
-
-def restart_surrogate(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int, restart: int) -> None:
-    """New weights for every layer that can draw them (``reset_parameters``; batch-norm statistics too) and no
-    momentum: the surrogate starts again, as a victim does. Seeded by (seed, restart), the same on every process."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + restart)
-        for module in model.modules():
-            if module is not model and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    optimizer.state.clear()
 
 
 @dataclasses.dataclass
@@ -223,7 +208,6 @@ class MinMinProtector(AdditiveProtector):
         check_int(cfg, "max_fit_samples", optional=True)
         check_int(cfg, "min_train_steps")
         check_int(cfg, "native_up_to", minimum=0)
-        check_int(cfg, "surrogate_restart_every", minimum=0)
         for name in ("train_epochs", "min_train_epochs"):
             value = getattr(cfg, name)
             if value is not None and not float(value) > 0:
@@ -573,9 +557,6 @@ class MinMinProtector(AdditiveProtector):
             state.pos += bs
             x, y, grey = x_all[idx].to(dev), y_all[idx].to(dev), grey_all[idx]
             rnd = BatchRandom(gen, bs, rows)
-            every = int(cfg.surrogate_restart_every)
-            if every and step > class_steps and (step - class_steps) % every == 0:
-                restart_surrogate(model, opt, seed=int(cfg.seed), restart=(step - class_steps) // every)
             self._runtime["fit_step"] = (step, total)  # for methods whose noise phase changes over the fit (MEM's triggers)
             model.eval()
             delta = self._fit_noise(model, x, y, idx, rnd, grey)
