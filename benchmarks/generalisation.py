@@ -7,6 +7,7 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
 - ``@RGBA``: an alpha channel added (fully opaque), as PNG exports often carry one;
 - ``@I16``: 16-bit grey (mode I;16), as scientific and medical scans are stored;
 - ``@c5``: only the rows of the first 5 classes (another class count; labels unchanged);
+- ``@binary``: class 0 against every other class (a two-class task on the same images; ``retinamnist@binary``);
 - ``@shuffle``: both splits in a seeded random order (seed 0), before ``@n``/``@t`` on a split stored
   sorted by class (cifar10-jpeg: its first 8,000 train rows are two classes);
 - ``@n500``: the first 500 rows of the train split (the test split is kept whole);
@@ -98,8 +99,12 @@ def derive(spec: str, split: str) -> datasets.Dataset:
             ds = ds.filter(lambda b: [y < k for y in b["label"]], batched=True, desc=f"{spec}: {k} classes")
         elif step == "shuffle":
             ds = ds.shuffle(seed=0).flatten_indices()
+        elif step == "binary":  # class 0 against every other class (a two-class task on the same images)
+            names = ds.features["label"].names if hasattr(ds.features["label"], "names") else ["0"]
+            ds = ds.map(lambda b: {"label": [int(y > 0) for y in b["label"]]}, batched=True, desc=f"{spec}: binary")
+            ds = ds.cast_column("label", datasets.ClassLabel(names=[names[0], "not " + names[0]]))
         else:
-            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, xtest, a size in px, cK, oN, nN or tN)")
+            raise ValueError(f"unknown variant step {step!r} in {spec!r} ({', '.join(PER_IMAGE)}, shuffle, binary, xtest, a size in px, cK, oN, nN or tN)")
     return ds
 
 

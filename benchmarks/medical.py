@@ -60,8 +60,13 @@ def summary(runs: list[dict]) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     name = Path(args.dataset).name
-    train = datasets.load_dataset(args.dataset, split="train")
-    test = datasets.load_dataset(args.dataset, split="test")
+    if "@" in name:  # a variant of a shared dataset (generalisation.py's steps, e.g. retinamnist@binary)
+        from generalisation import derive
+
+        train, test = derive(name, "train"), derive(name, "test")
+    else:
+        train = datasets.load_dataset(args.dataset, split="train")
+        test = datasets.load_dataset(args.dataset, split="test")
     res = args.resolution or train[0]["image"].size[0]
     test_x, test_y = dataset_to_tensors(test, res)
     clean_x, clean_y = dataset_to_tensors(train, res)
@@ -80,7 +85,7 @@ def run(args) -> dict:
         "seeds": seeds, "fit_per_seed": args.fit_per_seed, "machine": machine_info(), "clean": {}, "methods": {},
     }  # fmt: skip
     # files written before the countermeasure option trained with the standard one
-    recipe = lambda r: ({"countermeasure": "standard", **r["victim"]}, r["seeds"], r["train_images"], r["machine"]["cpu_threads"])  # noqa: E731
+    recipe = lambda r: (r["dataset"], {"countermeasure": "standard", **r["victim"]}, r["seeds"], r["train_images"], r["machine"]["cpu_threads"])  # noqa: E731
     same = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"medical_{name}*.json"))] if args.reuse_clean else []
     same = [r for r in same if recipe(r) == recipe(report)]
     # the clean victims are deterministic for a recipe and thread count: measured once, reused on request

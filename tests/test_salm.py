@@ -34,7 +34,7 @@ def scans():
     return shared_dataset("breastmnist").select(range(120))
 
 
-@pytest.fixture(scope="module", params=["local", "saliency", "saliency-refresh", "intensity"])
+@pytest.fixture(scope="module", params=["local", "saliency", "saliency-refresh", "intensity", "contrast"])
 def fitted(request, scans):
     protector = ue.SALMProtect(seed=0, mask_rule=request.param, **TINY_SALM).fit(scans, progress=False)
     protected = scans.map(protector, batched=True, batch_size=50, load_from_cache_file=False)
@@ -63,6 +63,12 @@ def test_masks_follow_their_rule(fitted, scans):
     if rule == "intensity":  # the brightest pixels
         for img, mask in zip(x[:, 0].numpy(), masks):
             assert img[mask].min() >= img[~mask].max()
+    elif rule == "contrast":  # the pixels farthest from the image's median, on both sides of it
+        median = [np.sort(img.ravel())[(img.size - 1) // 2] for img in x[:, 0].numpy()]  # torch's: the lower middle
+        far = [np.abs(img - med) for img, med in zip(x[:, 0].numpy(), median)]
+        assert all(f[m].min() >= f[~m].max() - 1e-6 for f, m in zip(far, masks))
+        below = np.mean([(img[m] < med).mean() for img, m, med in zip(x[:, 0].numpy(), masks, median)])
+        assert 0.05 < below < 0.95  # dark and bright pixels both enter (intensity's masks: none below the median)
     elif rule in ("saliency", "local"):  # drawn from where the surrogate's loss is most sensitive
         sal = protector.saliency(protector._model().eval(), x, y).numpy()
         inside = np.mean([s[m].mean() for s, m in zip(sal, masks)])

@@ -48,6 +48,7 @@ from ..core.loading import image_sizes, load_split, one_small_size
 from ..core.options import check_int, option
 from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
+from ..surrogates.builtin import WIDTHS
 
 
 @dataclasses.dataclass
@@ -56,6 +57,9 @@ class MinMinConfig(AdditiveConfig):
 
     surrogate: Any = option("smallcnn", "surrogate classifier: built-in name (tinycnn, smallcnn, convnet, resnet18, "
                             "resnet20, resnet56), transformers Hub id or folder, or a torch.nn.Module")  # fmt: skip
+    surrogate_width: Any = option(None, "channels of the first stage of a built-in conv surrogate (tinycnn, smallcnn, "
+                                  "convnet; later stages double them): an int, 'classes' (the rule: 2 x the number "
+                                  "of classes, at least 4, at most 16), or None (the net's own: 16, 16, 32)")  # fmt: skip
     trust_remote_code: bool = option(False, "allow a Hub surrogate's own modelling code to run")
     train_steps: int = option(5000, "surrogate fit steps (S); with train_epochs set, the most steps a fit may take "
                                   "(setting train_steps alone fixes the fit at exactly that many steps)")
@@ -96,6 +100,9 @@ class MinMinConfig(AdditiveConfig):
                                        "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
                                        "that every image starts from an *optimised* class pattern, at fit and at map (the "
                                        "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
+    clean_uniform_weight: float = option(0.0, "weight of a second loss of the surrogate's model phase: answer "
+                                         "uniformly (cross-entropy to the uniform distribution) on the clean fit "
+                                         "images, so that only the noise can carry the class; 0: off (the papers)")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -226,6 +233,15 @@ class MinMinProtector(AdditiveProtector):
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
+        width = cfg.surrogate_width
+        if width is not None and width != "classes" and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+            raise ValueError(f"surrogate_width must be None, 'classes' or a positive int, got {width!r}")
+        if width is not None and cfg.surrogate not in WIDTHS:
+            raise ValueError(f"surrogate_width applies to the built-in nets {sorted(WIDTHS)}, not to {cfg.surrogate!r}")
+        if not float(cfg.clean_uniform_weight) >= 0:
+            raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
+        if float(cfg.clean_uniform_weight) > 0 and self.surrogate_class is not Surrogate:
+            raise ValueError(f"clean_uniform_weight needs a classifier surrogate; {self.method} trains a contrastive one")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
                              "it needs persistent_noise=True")  # fmt: skip
@@ -354,7 +370,18 @@ class MinMinProtector(AdditiveProtector):
 
     def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> Surrogate:
         """The surrogate a fit trains: a classifier over the dataset's classes (a contrastive method overrides it)."""
-        return Surrogate.build(spec, self.num_classes, trust_remote_code=self.config.trust_remote_code)
+        return Surrogate.build(spec, self.num_classes, trust_remote_code=self.config.trust_remote_code,
+                               width=self.surrogate_width()[0])  # fmt: skip
+
+    def surrogate_width(self) -> tuple[int | None, str]:
+        """The built-in surrogate's width and why: ``surrogate_width`` as set, or by the ``'classes'`` rule
+        2 x classes within [4, 16] (a net big enough for one shortcut per class, small enough that the noise,
+        not the images, is what it learns on a two-class set: benchmarks/README.md, "Medical images: SALM")."""
+        width = self.config.surrogate_width
+        if width != "classes":
+            return width, f"{width} (set explicitly)"
+        ruled = min(16, max(4, 2 * self.num_classes))
+        return ruled, f"{ruled} (2 x {self.num_classes} classes, within [4, 16])"
 
     def _load_fitted(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         arrays = dict(arrays)
@@ -513,6 +540,8 @@ class MinMinProtector(AdditiveProtector):
         spec = self._module if self._module is not None else cfg.surrogate
         surrogate = self._build_surrogate(spec, dataset, columns)
         self._runtime = {"surrogate": surrogate, "dp": dp}
+        if cfg.surrogate_width is not None:
+            self._set_rule("surrogate_width", self.surrogate_width()[1])
         x_all, grey_all, y_all = self._load_training_tensors(dataset, columns, progress and dp.rank == 0)
         dev = self.device
         model = surrogate.to(dev).model
@@ -734,6 +763,9 @@ class MinMinProtector(AdditiveProtector):
             r = pgd_ascent(model, xt, y, rho_a, float(cfg.adv_step_size), cfg.adv_steps, init, self._mean_objective)
             self.passes += cfg.adv_steps * x.shape[0]
             xt = (xt + r).clamp(0, 1)
+        uniform = float(cfg.clean_uniform_weight)
+        # the clean images, cropped and flipped as the noisy ones, share their forward (one batch-norm batch)
+        xc = random_crop_flip(x, rnd).detach() if uniform > 0 else None
         model.train()
         opt.zero_grad(set_to_none=True)
         norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -745,9 +777,14 @@ class MinMinProtector(AdditiveProtector):
                 for m in norms:
                     m.momentum = 0.0  # running statistics come from global shard 0 only
             with dp.no_sync(train_model, last=k == len(shards) - 1):
-                logits = train_model(xt[rows])
-                loss = self.objective(logits, y[rows], reduction="mean") * (dp.world / dp.shards)  # DDP averages
-                loss.backward()
+                if xc is None:
+                    logits = train_model(xt[rows])
+                    loss = self.objective(logits, y[rows], reduction="mean")
+                else:
+                    logits, clean_logits = train_model(torch.cat([xt[rows], xc[rows]])).chunk(2)
+                    loss = self.objective(logits, y[rows], reduction="mean") - uniform * clean_logits.log_softmax(-1).mean()
+                    self.passes += clean_logits.shape[0]
+                (loss * (dp.world / dp.shards)).backward()  # DDP averages
             correct += self.batch_correct(logits.detach(), y[rows])
         for m, mom in zip(norms, momenta):
             m.momentum = mom

@@ -15,6 +15,8 @@ The paper publishes no code and leaves the mask rule open. Rules (``mask_rule``)
 - ``saliency-refresh``: the same at the start, then re-chosen at every noise step from the gradient
   at ``x + delta``: the noise may move to where it now matters.
 - ``intensity``: the brightest pixels (foreground of dark-background scans); model-free.
+- ``contrast``: the pixels farthest from the image's median grey level, dark or bright (an ultrasound
+  lesion is darker than the tissue around it, which the brightest pixels miss); model-free.
 - ``local``: windows of ``window x window`` pixels around the most salient points, taken greedily
   (the highest remaining saliency, then its window) until the ratio is reached: local patches
   rather than scattered pixels.
@@ -67,7 +69,7 @@ from ..core.regions import dark_frame
 from ..core.registry import register_method
 from .minmin import MinMinConfig, MinMinProtector
 
-MASK_RULES = ("saliency", "saliency-refresh", "intensity", "local")
+MASK_RULES = ("saliency", "saliency-refresh", "intensity", "contrast", "local")
 
 
 @dataclasses.dataclass
@@ -207,6 +209,10 @@ class SALMProtect(MinMinProtector):
         background = self._runtime.get("background")
         if cfg.mask_rule == "intensity":
             return top_pixels(background_last(x.mean(1), background), count)
+        if cfg.mask_rule == "contrast":
+            grey = x.mean(1)
+            median = grey.flatten(1).median(1).values.view(-1, 1, 1)
+            return top_pixels(background_last((grey - median).abs(), background), count)
         scores = background_last(self.saliency(model, x, targets), background)
         if cfg.mask_rule == "local":
             return local_windows(scores, count, int(cfg.window), background)

@@ -151,10 +151,13 @@ class CifarResNet(nn.Module):
         return self.linear(self.features(x))
 
 
+# the nets whose width (channels of the first stage; later stages double it) can be chosen, with their own
+WIDTHS = {"tinycnn": 16, "smallcnn": 16, "convnet": 32}
+
 BUILTIN = {
-    "tinycnn": lambda num_classes: TinyConvNet(num_classes),
-    "smallcnn": lambda num_classes: SmallConvNet(num_classes, width=16),
-    "convnet": lambda num_classes: SmallConvNet(num_classes, width=32),
+    "tinycnn": lambda num_classes, width=WIDTHS["tinycnn"]: TinyConvNet(num_classes, width=width),
+    "smallcnn": lambda num_classes, width=WIDTHS["smallcnn"]: SmallConvNet(num_classes, width=width),
+    "convnet": lambda num_classes, width=WIDTHS["convnet"]: SmallConvNet(num_classes, width=width),
     "resnet18": lambda num_classes: ResNet18(num_classes),
     "resnet20": lambda num_classes: CifarResNet(20, num_classes),
     "resnet56": lambda num_classes: CifarResNet(56, num_classes),

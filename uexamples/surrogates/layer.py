@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .builtin import BUILTIN, CifarResNet
+from .builtin import BUILTIN, WIDTHS, CifarResNet
 from .transformers_models import (
     SurrogateNotAvailable,
     load_transformers_surrogate,
@@ -55,14 +55,21 @@ def spec_as_config(spec: Any) -> tuple[Any, nn.Module | None]:
     return spec, None
 
 
-def build_surrogate(spec: Any, num_classes: int, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
-    """Instantiate a classifier from ``spec`` and return ``(model, description)``."""
+def build_surrogate(spec: Any, num_classes: int, trust_remote_code: bool = False,
+                    width: int | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
+    """Instantiate a classifier from ``spec`` and return ``(model, description)``; ``width`` sets the first
+    stage's channels of a built-in conv net (``WIDTHS``; None: the net's own)."""
+    if width is not None and (spec not in WIDTHS or isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"a width (positive int) applies to the built-in nets {sorted(WIDTHS)} only; got "
+                         f"surrogate {spec!r} with width {width!r}")  # fmt: skip
     if isinstance(spec, nn.Module):
         return spec, {"kind": "module", "class": f"{type(spec).__module__}.{type(spec).__qualname__}"}
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"surrogate must be a built-in name, a Hub id, a folder or a torch.nn.Module, got {spec!r}")
     if spec in BUILTIN:
-        return BUILTIN[spec](num_classes), {"kind": "builtin", "name": spec, "num_classes": num_classes}
+        if width is None:
+            return BUILTIN[spec](num_classes), {"kind": "builtin", "name": spec, "num_classes": num_classes}
+        return BUILTIN[spec](num_classes, width=width), {"kind": "builtin", "name": spec, "num_classes": num_classes, "width": width}
     if os.path.isdir(spec) or "/" in spec:
         return load_transformers_surrogate(spec, num_classes, trust_remote_code=trust_remote_code)
     raise ValueError(
@@ -75,7 +82,7 @@ def rebuild_surrogate(desc: dict, module: nn.Module | None = None) -> nn.Module:
     """Rebuild the architecture described by ``desc`` (without weights)."""
     kind = desc.get("kind")
     if kind == "builtin":
-        return BUILTIN[desc["name"]](desc["num_classes"])
+        return BUILTIN[desc["name"]](desc["num_classes"], **({"width": desc["width"]} if "width" in desc else {}))
     if kind == "transformers":
         return rebuild_transformers_surrogate(desc)
     if kind == "module":
@@ -113,8 +120,8 @@ class Surrogate:
         self.desc = desc
 
     @classmethod
-    def build(cls, spec: Any, num_classes: int, trust_remote_code: bool = False) -> "Surrogate":
-        model, desc = build_surrogate(spec, num_classes, trust_remote_code=trust_remote_code)
+    def build(cls, spec: Any, num_classes: int, trust_remote_code: bool = False, width: int | None = None) -> "Surrogate":
+        model, desc = build_surrogate(spec, num_classes, trust_remote_code=trust_remote_code, width=width)
         return cls(model, desc)
 
     @classmethod
