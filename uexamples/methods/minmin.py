@@ -790,7 +790,8 @@ class MinMinProtector(AdditiveProtector):
         inner = self.passes_per_draw()
         noise = cfg.noise_steps * cfg.eot_draws * inner
         model_phase = (cfg.adv_steps if self.adversarial_training else 0) + 1
-        return noise + model_phase
+        clean = 1 if float(cfg.clean_uniform_weight) > 0 else 0  # the clean images share the SGD step's forward
+        return noise + model_phase + clean
 
     def passes_per_draw(self) -> int:
         """Passes per noise-gradient draw: 1, plus the inner PGD steps of a method that attacks (REM)."""
