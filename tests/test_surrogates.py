@@ -219,9 +219,9 @@ def test_surrogate_width_builds_saves_and_reloads(small_ds, tmp_path):
 
 
 def test_clean_uniform_weight_makes_the_surrogate_blind_to_clean_images(small_ds):
-    """With clean_uniform_weight the surrogate learns to answer uniformly on the clean images (its entropy on
-    them near log(classes)) while it still learns the noisy ones; a model phase that ignored the option (or
-    pushed the clean images towards their labels) would leave the clean entropy as low as without it."""
+    """With clean_uniform_weight the surrogate learns to answer uniformly on the clean images: its entropy on
+    them rises towards log(classes); a model phase that ignored the option (or pushed the clean images
+    towards their labels) would leave the clean entropy as low as without it."""
     from uexamples.evaluation import dataset_to_tensors
 
     settings = dict(FAST, surrogate="tinycnn", train_steps=30, seed=0)
