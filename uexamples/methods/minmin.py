@@ -48,7 +48,7 @@ from ..core.loading import image_sizes, load_split, one_small_size
 from ..core.options import check_int, option
 from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
-from ..surrogates.builtin import WIDTHS
+from ..surrogates.layer import check_surrogate_width
 
 
 @dataclasses.dataclass
@@ -232,11 +232,7 @@ class MinMinProtector(AdditiveProtector):
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
-        width = cfg.surrogate_width
-        if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
-            raise ValueError(f"surrogate_width must be None or a positive int, got {width!r}")
-        if width is not None and cfg.surrogate not in WIDTHS:
-            raise ValueError(f"surrogate_width applies to the built-in nets {sorted(WIDTHS)}, not to {cfg.surrogate!r}")
+        check_surrogate_width(cfg.surrogate, cfg.surrogate_width)
         if not float(cfg.clean_uniform_weight) >= 0:
             raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
         if float(cfg.clean_uniform_weight) > 0 and self.surrogate_class is not Surrogate:

@@ -55,21 +55,28 @@ def spec_as_config(spec: Any) -> tuple[Any, nn.Module | None]:
     return spec, None
 
 
+def check_surrogate_width(spec: Any, width: Any) -> None:
+    """A width (positive int) is only for the built-in conv nets of ``WIDTHS``; None is always fine. Called by
+    :func:`build_surrogate` and by the min-min config, so a bad ``surrogate_width`` fails at construction."""
+    if width is not None and (spec not in WIDTHS or isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"surrogate_width (a positive int) applies to the built-in nets {sorted(WIDTHS)} only; got "
+                         f"surrogate {spec!r} with width {width!r}")  # fmt: skip
+
+
 def build_surrogate(spec: Any, num_classes: int, trust_remote_code: bool = False,
                     width: int | None = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """Instantiate a classifier from ``spec`` and return ``(model, description)``; ``width`` sets the first
     stage's channels of a built-in conv net (``WIDTHS``; None: the net's own)."""
-    if width is not None and (spec not in WIDTHS or isinstance(width, bool) or not isinstance(width, int) or width < 1):
-        raise ValueError(f"a width (positive int) applies to the built-in nets {sorted(WIDTHS)} only; got "
-                         f"surrogate {spec!r} with width {width!r}")  # fmt: skip
+    check_surrogate_width(spec, width)
     if isinstance(spec, nn.Module):
         return spec, {"kind": "module", "class": f"{type(spec).__module__}.{type(spec).__qualname__}"}
     if not isinstance(spec, str) or not spec:
         raise TypeError(f"surrogate must be a built-in name, a Hub id, a folder or a torch.nn.Module, got {spec!r}")
     if spec in BUILTIN:
+        desc = {"kind": "builtin", "name": spec, "num_classes": num_classes}
         if width is None:
-            return BUILTIN[spec](num_classes), {"kind": "builtin", "name": spec, "num_classes": num_classes}
-        return BUILTIN[spec](num_classes, width=width), {"kind": "builtin", "name": spec, "num_classes": num_classes, "width": width}
+            return BUILTIN[spec](num_classes), desc
+        return BUILTIN[spec](num_classes, width=width), {**desc, "width": width}
     if os.path.isdir(spec) or "/" in spec:
         return load_transformers_surrogate(spec, num_classes, trust_remote_code=trust_remote_code)
     raise ValueError(
