@@ -55,7 +55,7 @@ from ..core.columns import Columns
 from ..core.options import check_int, option
 from ..core.registry import register_method
 from ..logging import get_logger
-from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, with_triggers
+from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, uniform_contrastive_loss, with_triggers
 from .minmin import MinMinConfig, MinMinProtector
 
 logger = get_logger(__name__)
@@ -281,6 +281,13 @@ class MEMProtect(MinMinProtector):
         same = (flat.unsqueeze(1) == flat.unsqueeze(0)).all(-1)
         return contrastive_loss(outputs, self._text(targets), model.scale, same, reduction)
 
+    def uninformative_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``clean_uniform_weight``: the clean images as close to every caption of the batch as to their own,
+        both ways (the temperature is left to the InfoNCE term: a flatter scale would satisfy this one alone)."""
+        flat = targets.flatten(1)
+        same = (flat.unsqueeze(1) == flat.unsqueeze(0)).all(-1)
+        return uniform_contrastive_loss(outputs, self._text(targets), self._model().scale.detach(), same)
+
     def _text(self, targets: torch.Tensor) -> torch.Tensor:
         """Caption embeddings; during noise steps (text tower frozen) from the cache that ``noise_phase``
         fills once per batch: re-encoding 5 captions per image at every step cost 3/4 of the fit."""
@@ -297,6 +304,18 @@ class MEMProtect(MinMinProtector):
             self._runtime["text_cache"] = (y, self._model().encode_text(y).detach())
         try:
             return super().noise_phase(model, x, y, delta, rnd, steps, draws, grey)
+        finally:
+            self._runtime["text_cache"] = None
+
+    def _model_phase(self, model, train_model, opt, x, y, delta, rnd) -> int:
+        if not float(self.config.clean_uniform_weight) > 0:
+            return super()._model_phase(model, train_model, opt, x, y, delta, rnd)
+        # both losses of the step (InfoNCE on the noisy images, uniform on the clean ones) read one encoding of
+        # the captions, kept in the graph so that the text tower learns from both
+        self._model().train()
+        self._runtime["text_cache"] = (y, self._model().encode_text(y))
+        try:
+            return super()._model_phase(model, train_model, opt, x, y, delta, rnd)
         finally:
             self._runtime["text_cache"] = None
 
@@ -362,7 +381,7 @@ class MEMProtect(MinMinProtector):
     def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         """In-batch image-to-caption top-1 (the surrogate's running accuracy on the noisy pairs)."""
         with torch.no_grad():
-            sim = outputs @ self._model().encode_text(targets).t()
+            sim = outputs @ self._text(targets).t()  # the step's encoding where the model phase keeps one
         return int((sim.argmax(1) == torch.arange(len(sim), device=sim.device)).sum())
 
     def perturbation(self, x: torch.Tensor, batch: ProtectBatch, grey: torch.Tensor) -> torch.Tensor:

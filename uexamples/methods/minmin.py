@@ -101,7 +101,8 @@ class MinMinConfig(AdditiveConfig):
                                        "patterns are saved with the protector). 0: the seeded random patterns")  # fmt: skip
     clean_uniform_weight: float = option(0.0, "weight of a second loss of the surrogate's model phase: answer "
                                          "uniformly (cross-entropy to the uniform distribution) on the clean fit "
-                                         "images, so that only the noise can carry the class; 0: off (the papers)")  # fmt: skip
+                                         "images, so that only the noise can carry the class (a contrastive "
+                                         "surrogate: the caption); 0: off (the papers)")  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -235,8 +236,6 @@ class MinMinProtector(AdditiveProtector):
         check_surrogate_width(cfg.surrogate, cfg.surrogate_width)
         if not float(cfg.clean_uniform_weight) >= 0:
             raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
-        if float(cfg.clean_uniform_weight) > 0 and self.surrogate_class is not Surrogate:
-            raise ValueError(f"clean_uniform_weight needs a classifier surrogate; {self.method} trains a contrastive one")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
                              "it needs persistent_noise=True")  # fmt: skip
@@ -390,6 +389,11 @@ class MinMinProtector(AdditiveProtector):
     def objective(self, outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """The loss the noise minimises and the surrogate trains on: cross-entropy on class labels."""
         return F.cross_entropy(outputs, targets, reduction=reduction)
+
+    def uninformative_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``clean_uniform_weight``'s loss on the clean images' outputs: cross-entropy to the uniform
+        distribution over the classes (mean over rows), the surrogate telling nothing from the clean picture."""
+        return -outputs.log_softmax(-1).mean()
 
     def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         """How many rows of a fit batch the surrogate gets right (its running accuracy; top-1 class)."""
@@ -767,7 +771,7 @@ class MinMinProtector(AdditiveProtector):
                     loss = self.objective(logits, y[rows], reduction="mean")
                 else:
                     logits, clean_logits = train_model(torch.cat([xt[rows], xc[rows]])).chunk(2)
-                    loss = self.objective(logits, y[rows], reduction="mean") - uniform * clean_logits.log_softmax(-1).mean()
+                    loss = self.objective(logits, y[rows], reduction="mean") + uniform * self.uninformative_loss(clean_logits, y[rows])
                     self.passes += clean_logits.shape[0]
                 (loss * (dp.world / dp.shards)).backward()  # DDP averages
             correct += self.batch_correct(logits.detach(), y[rows])

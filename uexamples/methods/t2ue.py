@@ -77,7 +77,7 @@ from ..core.progress import progress_bar
 from ..core.schedules import shuffled_epochs, step_plan
 from ..core.registry import register_method
 from ..logging import get_logger
-from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, train_clip
+from ..surrogates.contrastive import ContrastiveSurrogate, contrastive_loss, encode_captions, train_clip, uniform_contrastive_loss
 from ..surrogates.layer import load_state_arrays, state_arrays
 
 logger = get_logger(__name__)
@@ -114,6 +114,10 @@ class T2UEConfig(AdditiveConfig):
                             choices=OBJECTIVES)  # fmt: skip
     learner_init: str = option("surrogate", "where the joint objective's learner starts: a copy of the surrogate, or "
                                "from scratch (as a victim does)", choices=LEARNER_INITS)  # fmt: skip
+    clean_uniform_weight: float = option(0.0, "with the joint objective: the learner also learns to find the clean "
+                                         "images as close to every caption of the batch as to their own (cross-entropy "
+                                         "to uniform, weighted by this), so that only the noise can match an image to "
+                                         "its caption; the min-min engine's option of the same name. 0: off")  # fmt: skip
     noise_grid: int | None = option(None, "pixels a side the generator outputs (8, 16, 32, 64, ...), resized to the "
                                     "working grid: coarser noise is cheaper (default: the rule of noise_grid_cap)")  # fmt: skip
     noise_grid_cap: int | None = option(None, "with noise_grid unset, the generator outputs the working resolution, at "
@@ -321,6 +325,11 @@ class T2UEProtect(AdditiveProtector):
         for name in ("noise_grid", "noise_grid_cap"):
             if getattr(cfg, name) is not None:
                 check_int(cfg, name, minimum=8)
+        if not float(cfg.clean_uniform_weight) >= 0:
+            raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
+        if float(cfg.clean_uniform_weight) > 0 and cfg.objective != "joint":
+            raise ValueError("clean_uniform_weight trains the joint objective's learner: it needs objective='joint' "
+                             "(the frozen surrogate does not learn)")  # fmt: skip
         if cfg.epsilon is None:
             raise ValueError("T2UE's noise is bounded: epsilon must be set (8/255 is the field's standard)")
 
@@ -428,6 +437,7 @@ class T2UEProtect(AdditiveProtector):
             learner = learner.requires_grad_(True).train()
             learner_opt = torch.optim.AdamW(learner.parameters(), lr=5e-4, weight_decay=0.1)
             ids = encode_captions(surrogate.tokenizer, captions, int(cfg.captions_per_image))
+        uniform = float(cfg.clean_uniform_weight)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
         bar = progress_bar(total=total, desc="Training the noise generator", unit="step", progress=progress)
         losses: list[float] = []
@@ -443,11 +453,17 @@ class T2UEProtect(AdditiveProtector):
                 owner = caption_ids[idx]
                 same = (owner[:, None] == owner[None, :]).to(dev)
                 text_side = cond if learner_opt is None else learner.encode_text(ids[idx].to(dev))
-                loss = contrastive_loss(learner(xt), text_side, learner.scale, same)
+                if uniform > 0:  # the clean images, cropped and flipped too, in the same forward (batch norm)
+                    xc = random_crop_flip(x[idx].to(dev), BatchRandom(gen, len(idx)))
+                    image_emb, clean_emb = learner(torch.cat([xt, xc])).chunk(2)
+                    blind = uniform * uniform_contrastive_loss(clean_emb, text_side, learner.scale.detach(), same)
+                else:
+                    image_emb, blind = learner(xt), 0.0
+                loss = contrastive_loss(image_emb, text_side, learner.scale, same)
                 opt.zero_grad(set_to_none=True)
                 if learner_opt is not None:
                     learner_opt.zero_grad(set_to_none=True)
-                loss.backward()  # joint: the generator and the learner both minimise this loss
+                (loss + blind).backward()  # joint: the generator and the learner both minimise this loss
                 opt.step()
                 sched.step()
                 if learner_opt is not None:
@@ -458,6 +474,8 @@ class T2UEProtect(AdditiveProtector):
         bar.close()
         g.eval()
         self._runtime["generator"] = g
+        if learner_opt is not None:  # what the noise was fitted against (not saved: the generator is the product)
+            self._runtime["learner"] = learner.eval().requires_grad_(False)
         self._noise_cache.clear()
         tail = losses[-max(1, steps_per_epoch):]
         self.fit_stats = {"images": n, "steps": total, "final_loss": round(float(np.mean(tail)), 4) if tail else None,

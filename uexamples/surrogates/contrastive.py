@@ -408,7 +408,33 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
 
+def uniform_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
+                             same: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy to the uniform distribution, both ways, of the pairs' similarities: at its minimum,
+    ``log`` of the candidates' count, when every image is as close to every caption of the batch as to its
+    own (an image that tells nothing about its caption). The contrastive counterpart of a classifier
+    answering uniformly; ``same`` as in ``contrastive_loss`` (a caption's duplicates are left out of its
+    row's candidates).
+
+    >>> e = torch.eye(4)
+    >>> round(float(uniform_contrastive_loss(torch.full((4, 4), 0.5), e, 10.0)), 4)  # log 4: tells nothing
+    1.3863
+    >>> round(float(uniform_contrastive_loss(e, e, 10.0)), 4)  # each image on its own caption
+    7.5001
+    """
+    logits = scale * image_emb @ text_emb.t()
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    if same is not None:
+        keep = ~same | torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    loss = 0.0
+    for lg in (logits, logits.t()):  # image to text, and text to image
+        masked = lg.masked_fill(~keep, float("-inf"))
+        logp = masked.log_softmax(-1).masked_fill(~keep, 0.0)
+        loss = loss - (logp.sum(-1) / keep.sum(-1)).mean()
+    return loss / 2
+
+
 __all__ = [
     "ContrastiveSurrogate", "ConvCLIP", "PixelCLIP", "TransformersCLIP", "build_clip", "caption_tokenizer", "contrastive_loss",
-    "encode_captions", "fresh_transformers_clip", "train_clip", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
+    "encode_captions", "fresh_transformers_clip", "train_clip", "uniform_contrastive_loss", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
 ]  # fmt: skip
