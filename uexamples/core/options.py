@@ -54,6 +54,14 @@ def check_int(config: Any, name: str, minimum: int = 1, optional: bool = False) 
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+def check_non_negative(config: Any, *names: str) -> None:
+    """Refuse config fields that are not numbers >= 0 (weights, radii, decays; NaN refused)."""
+    for name in names:
+        value = getattr(config, name)
+        if not float(value) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
 def check_choices(config: Any) -> None:
     """Refuse any field declared with ``choices=`` whose value is not one of them (a saved config or a
     Python caller is checked as the command line checks its flags)."""

@@ -61,6 +61,13 @@ from .minmin import MinMinConfig, MinMinProtector
 logger = get_logger(__name__)
 
 
+def same_captions(ids: torch.Tensor) -> torch.Tensor:
+    """(B, B): rows whose caption token ids (B, C, L) are identical (augmented copies of one image), which the
+    contrastive losses do not count as each other's negatives."""
+    flat = ids.flatten(1)
+    return (flat.unsqueeze(1) == flat.unsqueeze(0)).all(-1)
+
+
 @dataclasses.dataclass
 class MEMConfig(MinMinConfig):
     """MEM's surrogate is a CLIP; its targets are captions."""
@@ -278,15 +285,12 @@ class MEMProtect(MinMinProtector):
             logits = model.scale * torch.cat([own, others], 1)
             return torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device),
                                                      reduction=reduction)  # fmt: skip
-        same = (flat.unsqueeze(1) == flat.unsqueeze(0)).all(-1)
-        return contrastive_loss(outputs, self._text(targets), model.scale, same, reduction)
+        return contrastive_loss(outputs, self._text(targets), model.scale, same_captions(targets), reduction)
 
     def uninformative_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``clean_uniform_weight``: the clean images as close to every caption of the batch as to their own,
         both ways (the temperature is left to the InfoNCE term: a flatter scale would satisfy this one alone)."""
-        flat = targets.flatten(1)
-        same = (flat.unsqueeze(1) == flat.unsqueeze(0)).all(-1)
-        return uniform_contrastive_loss(outputs, self._text(targets), self._model().scale.detach(), same)
+        return uniform_contrastive_loss(outputs, self._text(targets), self._model().scale.detach(), same_captions(targets))
 
     def _text(self, targets: torch.Tensor) -> torch.Tensor:
         """Caption embeddings; during noise steps (text tower frozen) from the cache that ``noise_phase``

@@ -45,7 +45,7 @@ from ..core.checkpoint import FitCheckpoint
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import image_sizes, load_split, one_small_size
-from ..core.options import check_int, option
+from ..core.options import check_int, check_non_negative, option
 from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 from ..surrogates.layer import check_surrogate_width
@@ -222,20 +222,15 @@ class MinMinProtector(AdditiveProtector):
         for name in ("lr", "step_size"):
             if not float(getattr(cfg, name)) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
-        for name in ("momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay"):
-            if not float(getattr(cfg, name)) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+        check_non_negative(cfg, "momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay", "class_start_epochs",
+                           "clean_uniform_weight")  # fmt: skip
         if cfg.noise_start not in ("uniform", "class"):
             raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
-        if not float(cfg.class_start_epochs) >= 0:
-            raise ValueError(f"class_start_epochs must be >= 0, got {cfg.class_start_epochs!r}")
         if float(cfg.class_start_epochs) > 0 and cfg.noise_start != "class":
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
         check_surrogate_width(cfg.surrogate, cfg.surrogate_width)
-        if not float(cfg.clean_uniform_weight) >= 0:
-            raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
                              "it needs persistent_noise=True")  # fmt: skip

@@ -72,7 +72,7 @@ from ..core.augment import BatchRandom, random_crop_flip
 from ..core.batch import ProtectBatch, caption_of
 from ..core.columns import Columns
 from ..core.loading import image_sizes, load_split, one_small_size
-from ..core.options import check_int, option
+from ..core.options import check_int, check_non_negative, option
 from ..core.progress import progress_bar
 from ..core.schedules import shuffled_epochs, step_plan
 from ..core.registry import register_method
@@ -325,8 +325,7 @@ class T2UEProtect(AdditiveProtector):
         for name in ("noise_grid", "noise_grid_cap"):
             if getattr(cfg, name) is not None:
                 check_int(cfg, name, minimum=8)
-        if not float(cfg.clean_uniform_weight) >= 0:
-            raise ValueError(f"clean_uniform_weight must be >= 0, got {cfg.clean_uniform_weight!r}")
+        check_non_negative(cfg, "clean_uniform_weight")
         if float(cfg.clean_uniform_weight) > 0 and cfg.objective != "joint":
             raise ValueError("clean_uniform_weight trains the joint objective's learner: it needs objective='joint' "
                              "(the frozen surrogate does not learn)")  # fmt: skip
@@ -449,12 +448,13 @@ class T2UEProtect(AdditiveProtector):
                 z = torch.randn(len(idx), int(cfg.noise_dim), generator=gen).to(dev) if cfg.noise_dim else None
                 delta = self._to_working(g(cond, z), res)
                 delta = project_grey(delta, grey[idx])
-                xt = random_crop_flip((x[idx].to(dev) + delta).clamp(0, 1), BatchRandom(gen, len(idx)))
+                clean = x[idx].to(dev)
+                xt = random_crop_flip((clean + delta).clamp(0, 1), BatchRandom(gen, len(idx)))
                 owner = caption_ids[idx]
                 same = (owner[:, None] == owner[None, :]).to(dev)
                 text_side = cond if learner_opt is None else learner.encode_text(ids[idx].to(dev))
                 if uniform > 0:  # the clean images, cropped and flipped too, in the same forward (batch norm)
-                    xc = random_crop_flip(x[idx].to(dev), BatchRandom(gen, len(idx)))
+                    xc = random_crop_flip(clean, BatchRandom(gen, len(idx)))
                     image_emb, clean_emb = learner(torch.cat([xt, xc])).chunk(2)
                     blind = uniform * uniform_contrastive_loss(clean_emb, text_side, learner.scale.detach(), same)
                 else:

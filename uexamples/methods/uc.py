@@ -49,7 +49,7 @@ from ..core.batch import ProtectBatch
 from ..core.columns import Columns
 from ..core.distributed import DataParallel
 from ..core.loading import load_split
-from ..core.options import check_int, option
+from ..core.options import check_int, check_non_negative, option
 from ..core.progress import progress_bar
 from ..core.registry import register_method
 from ..surrogates.layer import DEFAULT_ENCODER, FeatureEncoder, load_encoder, rebuild_encoder
@@ -199,8 +199,7 @@ class UCProtect(AdditiveProtector):
             raise ValueError(f"clusters must be >= 2 (each cluster is pushed towards another), got {cfg.clusters}")
         if not float(cfg.lr) > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr!r}")
-        if not float(cfg.weight_decay) >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay!r}")
+        check_non_negative(cfg, "weight_decay")
         if cfg.resolution == "native":
             raise ValueError("UC adds one perturbation per cluster on a common grid: set resolution=N, not 'native'")
         if not isinstance(cfg.encoder, str) or not cfg.encoder:
