@@ -20,7 +20,9 @@ Datasets are the shared ones and variants derived from them by a spec ``BASE[@T[
   was stored: the tune images with the confirm photos' storage, to tell that storage from their content;
 - ``@dark``: everything outside a central disc (radius 0.4 of the side, half the image) set to black,
   the way scans, fundus photos and product shots sit on a black, flat background where the pixels
-  are at 0 and noise can only go up.
+  are at 0 and noise can only go up;
+- ``@flat``: the same disc on a mid-grey (128) background: flat like ``@dark``, but the noise can move both
+  ways there (tells the one-way pixels from the flat region).
 
     python benchmarks/generalisation.py --variants cifar10-10k@n500,cifar10-10k@n2000 --methods sem,sem+train_epochs=null
     python benchmarks/generalisation.py --variants cifar10-10k@L@28 --methods sem,sem+resolution=native
@@ -47,7 +49,11 @@ other images of their class, or onto the images of the previous class with the l
 
     python benchmarks/generalisation.py --variants cifar10-10k --methods sem --victims convnet --monitor 2000 \
         --shuffle-noise within --suffix _shuffle_cifar10k
+
     python benchmarks/generalisation.py --diagnosis
+
+``--saturate-noise`` (a diagnostic) also trains the victims on the stored noise pushed to +-epsilon in its own signs
+(``METHOD@saturated_noise``): the same pattern at full strength, to ask whether the noise's energy is what is missing.
 
 Results: benchmarks/results/generalisation<suffix>.json (one entry per variant, merged with the file's
 other variants); ``--table`` prints the Markdown table.
@@ -125,13 +131,15 @@ def grey16(image: Image.Image) -> Image.Image:
     return Image.fromarray(a)  # uint16 gives mode I;16
 
 
-def black_background(image: Image.Image) -> Image.Image:
-    """``image`` with everything outside a central disc of radius 0.4 * side at exactly 0 (``@dark``)."""
+def black_background(image: Image.Image, level: int = 0) -> Image.Image:
+    """``image`` with everything outside a central disc of radius 0.4 * side at exactly 0 (``@dark``), or at
+    ``level`` (``@flat``: mid-grey 128, a flat background the noise can move both ways, so that the dark variant's
+    one-way pixels and its flat region can be told apart)."""
     w, h = image.size
     yy, xx = np.mgrid[:h, :w]
     inside = (xx + 0.5 - w / 2) ** 2 + (yy + 0.5 - h / 2) ** 2 <= (0.4 * min(w, h)) ** 2
     a = np.asarray(image)
-    return Image.fromarray(np.where(inside.reshape(h, w, *[1] * (a.ndim - 2)), a, 0).astype(a.dtype), mode=image.mode)
+    return Image.fromarray(np.where(inside.reshape(h, w, *[1] * (a.ndim - 2)), a, level).astype(a.dtype), mode=image.mode)
 
 
 # variant steps that change every image alone: name -> (transform, what the progress bar says)
@@ -140,6 +148,7 @@ PER_IMAGE = {
     "RGBA": (lambda im: im.convert("RGBA"), "RGBA"),
     "I16": (grey16, "16-bit grey"),
     "dark": (black_background, "dark"),
+    "flat": (lambda im: black_background(im, 128), "mid-grey background"),
     "jpeg": (lambda im: jpeg_round_trip(im, 75), "JPEG q75 round trip"),  # as cifar10-jpeg was stored
 }
 
@@ -181,8 +190,8 @@ def run(args) -> dict:
     if args.diagnosis:
         print(diagnosis_table())
         return {}
-    if args.moved_noise_only and not args.shuffle_noise:
-        raise SystemExit("--moved-noise-only needs --shuffle-noise within|next-class (else no victim would train)")
+    if args.moved_noise_only and not (args.shuffle_noise or args.saturate_noise):
+        raise SystemExit("--moved-noise-only needs --shuffle-noise within|next-class or --saturate-noise (else no victim would train)")
     torch.set_num_threads(args.threads)
     if args.quiet:
         datasets.disable_progress_bars()
@@ -228,6 +237,9 @@ def run(args) -> dict:
             if args.shuffle_noise:
                 moved, shift = MOVED_NOISE[args.shuffle_noise]
                 trained_on.append((f"{method}@{moved}", moved_noise(px, clean_x, clean_y, shift=shift), dict(row, victims={})))
+            if args.saturate_noise:
+                eps = float(protector.config.epsilon)
+                trained_on.append((f"{method}@saturated_noise", saturated_noise(px, clean_x, eps), dict(row, victims={})))
             for name, images, out_row in trained_on:
                 for arch in victims:
                     r = train_victim(images, clean_y, test_x, test_y, epochs=epochs, progress=not args.quiet,
@@ -245,6 +257,12 @@ def run(args) -> dict:
 # --shuffle-noise: the results row's name and the class shift of moved_noise ("within": each noise onto another
 # image of its class; "next-class": each image a noise made for the next class, labels kept)
 MOVED_NOISE = {"within": ("shuffled_noise", 0), "next-class": ("noise_of_next_class", 1)}
+
+
+def saturated_noise(protected_x: torch.Tensor, clean_x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``--saturate-noise``: every changed value pushed to the bound in the direction it moved (+-epsilon, clipped to
+    [0, 1]), unchanged values left: the same signs at full strength (is the noise's energy what the victim lacks?)."""
+    return (clean_x + epsilon * torch.sign(protected_x - clean_x)).clamp(0, 1)
 
 
 def moved_noise(protected_x: torch.Tensor, clean_x: torch.Tensor, y: torch.Tensor, shift: int = 0, seed: int = 0) -> torch.Tensor:
@@ -389,8 +407,10 @@ def main(argv=None) -> None:
                    help="diagnostic: also train the victims on the same noises moved onto other images of their class "
                         "(within: row METHOD@shuffled_noise) or onto the images of the previous class, labels kept "
                         "(next-class: METHOD@noise_of_next_class)")
+    p.add_argument("--saturate-noise", action="store_true",
+                   help="diagnostic: also train the victims on the noise pushed to +-epsilon in its own signs (METHOD@saturated_noise)")
     p.add_argument("--moved-noise-only", action="store_true",
-                   help="with --shuffle-noise: only the moved-noise victims (the method's own were measured before)")
+                   help="with --shuffle-noise or --saturate-noise: only those victims (the method's own were measured before)")
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")

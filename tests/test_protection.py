@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from helpers import rename_saved_arrays
 import uexamples as ue
+from uexamples.core.augment import SampleRandom
 from uexamples.evaluation import dataset_to_tensors, train_victim
 
 SMALL_FIT = dict(surrogate="tinycnn", train_steps=15, train_batch_size=64, noise_steps=3, eot_draws=1, adv_steps=1,
@@ -295,3 +296,36 @@ def test_resolution_rule_works_small_images_natively_and_records_it(small_ds, tm
     assert forced.working_resolution() == 32 and forced.rules["resolution"] == "32 (set explicitly)"
     fit_len = ue.SEMProtect(seed=0, train_epochs=1, min_train_steps=2, train_batch_size=32, noise_steps=1).fit(grey28, progress=False)
     assert fit_len.rules["fit_steps"] == "2 (train_epochs=1 over 24 images in batches of 24, within [2, 400])"
+
+
+@pytest.mark.unit
+def test_grey_step_summed_steps_a_grey_images_shared_noise_on_its_own_gradient(small_ds):
+    """A grey image's noise is one value per pixel, shared by R, G and B. 'channels' steps each channel on its own
+    gradient's sign and averages them (a third of a step where the signs disagree); 'summed' takes the sign of the
+    shared noise's gradient, the channels' sum: every pixel moves a full step, against that gradient."""
+    grey_ds = small_ds.map(lambda r: {"image": r["image"].convert("L")})
+    protector = ue.SEMProtect(seed=0, **SMALL_FIT).fit(grey_ds, progress=False)
+    model = protector._model().eval()
+    x, y = dataset_to_tensors(grey_ds)
+    x = 0.25 + 0.5 * x  # no pixel at 0 or 1: the bound alone limits the step
+    grey, keys = torch.ones(len(x), dtype=torch.bool), list(range(len(x)))
+    step = float(protector.config.step_size)
+    moved = {}
+    for mode in ("channels", "summed"):
+        protector.config.grey_step = mode
+        moved[mode] = protector.noise_phase(model, x, y, torch.zeros_like(x), SampleRandom(keys), 1, 1, grey)
+        assert torch.equal(moved[mode][:, 0], moved[mode][:, 2])  # grey stays grey
+    # pixels a random crop left out of the surrogate's view have no gradient and stay at 0 in both modes
+    channels, summed = moved["channels"][:, 0].abs(), moved["summed"][:, 0]
+    partial = (channels > 1e-6) & ((channels - step).abs() > 1e-6)
+    assert partial.float().mean() > 0.05  # the channels disagree on part of the pixels (measured 0.2 after a fit)
+    seen = summed != 0
+    assert seen.float().mean() > 0.8 and torch.allclose(summed[seen].abs(), torch.full_like(summed[seen], step))
+    # the same draws give both modes the same gradient: where the three channels agreed, the sum agrees with them
+    agreed = (channels - step).abs() < 1e-6
+    assert torch.equal(summed[agreed], moved["channels"][:, 0][agreed])
+    # and everywhere the step is against the channels' summed gradient (the same draws, so the same gradient)
+    g = protector.noise_gradient(model, x, y, torch.zeros_like(x), SampleRandom(keys), 1).sum(1)
+    assert torch.equal(summed.sign(), -g.sign())
+    with pytest.raises(ValueError, match="grey_step"):
+        ue.SEMProtect(grey_step="mean")
