@@ -394,14 +394,18 @@ def train_clip(model: PixelCLIP, tokenizer, images: torch.Tensor, captions: Sequ
     return model
 
 
+def _candidates(same: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """The pairs a row's softmax runs over: every other row that is not a duplicate of it (``same``), and itself."""
+    return ~same | torch.eye(n, dtype=torch.bool, device=device)
+
+
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor | float,
                      same: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
     """Symmetric InfoNCE of matching rows. ``same[i, j]``: rows i and j carry the same pair (augmented
     copies of one image, or one caption twice); such pairs are not counted as negatives."""
     logits = scale * image_emb @ text_emb.t()
     if same is not None:
-        eye = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        logits = logits.masked_fill(~_candidates(same, len(logits), logits.device), float("-inf"))
     target = torch.arange(len(logits), device=logits.device)
     loss = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
     loss = loss / 2
@@ -423,9 +427,7 @@ def uniform_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, sc
     7.5001
     """
     logits = scale * image_emb @ text_emb.t()
-    keep = torch.ones_like(logits, dtype=torch.bool)
-    if same is not None:
-        keep = ~same | torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    keep = torch.ones_like(logits, dtype=torch.bool) if same is None else _candidates(same, len(logits), logits.device)
     loss = 0.0
     for lg in (logits, logits.t()):  # image to text, and text to image
         masked = lg.masked_fill(~keep, float("-inf"))
