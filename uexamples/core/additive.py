@@ -97,15 +97,6 @@ def project_grey(delta: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
     return torch.where(grey.to(delta.device)[:, None, None, None], mean, delta)
 
 
-def grey_gradient(grad: torch.Tensor, grey: torch.Tensor) -> torch.Tensor:
-    """The gradient with respect to a grey image's noise, which is one value per pixel shared by R, G and B: the
-    sum of the three channels' gradients, on each channel of the grey rows (colour rows unchanged)."""
-    if not bool(grey.any()):
-        return grad
-    summed = grad.sum(1, keepdim=True).expand_as(grad)
-    return torch.where(grey.to(grad.device)[:, None, None, None], summed, grad)
-
-
 class AdditiveProtector(Protector):
     """A protector whose output is ``image + noise`` with ``|noise| <= epsilon``.
 

@@ -277,9 +277,9 @@ class MEMProtect(MinMinProtector):
         (B, C, L)); rows with identical captions (the augmented copies of one image) are not negatives.
         In the final pass (``map``): image-to-text InfoNCE against the own captions and the fixed bank."""
         model = self._model()
-        flat = targets.flatten(1)
         if self._runtime.get("against_bank"):  # each row alone: its own captions against the bank, no batch-mates
             bank_tokens, bank = self._bank()
+            flat = targets.flatten(1)
             own = (outputs * self._text(targets)).sum(-1, keepdim=True)
             others = (outputs @ bank.t()).masked_fill((flat.unsqueeze(1) == bank_tokens.flatten(1).unsqueeze(0)).all(-1), float("-inf"))
             logits = model.scale * torch.cat([own, others], 1)

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.additive import NATIVE, AdditiveConfig, AdditiveProtector, grey_gradient, project_grey
+from ..core.additive import NATIVE, AdditiveConfig, AdditiveProtector, project_grey
 from ..core.augment import BatchRandom, SampleRandom, random_crop_flip
 from ..core.batch import ProtectBatch
 from ..core.checkpoint import FitCheckpoint
@@ -49,6 +49,8 @@ from ..core.options import check_int, check_non_negative, option
 from ..core.progress import progress_bar
 from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 from ..surrogates.layer import check_surrogate_width
+
+GREY_STEPS = ("channels", "summed")  # how a grey image's shared noise steps (MinMinConfig.grey_step)
 
 
 @dataclasses.dataclass
@@ -106,7 +108,7 @@ class MinMinConfig(AdditiveConfig):
     grey_step: str = option("channels", "how a noise step moves a grey image's noise (one value per pixel, shared by R, G "
                             "and B): 'channels' (each channel steps on its own gradient's sign, then the three are "
                             "averaged: a third of a step where their signs disagree) or 'summed' (the sign of the shared "
-                            "noise's own gradient, the channels' sum: always a full step)")  # fmt: skip
+                            "noise's own gradient, the channels' sum: always a full step)", choices=GREY_STEPS)  # fmt: skip
     max_fit_samples: int | None = option(None, "fit on at most this many images (a seeded random subset)")
     fit_shards: int = option(1, "batch-norm shards per fit batch; the same value gives the same surrogate on any "
                              "number of processes (core.distributed)")  # fmt: skip
@@ -230,8 +232,6 @@ class MinMinProtector(AdditiveProtector):
                            "clean_uniform_weight")  # fmt: skip
         if cfg.noise_start not in ("uniform", "class"):
             raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
-        if cfg.grey_step not in ("channels", "summed"):
-            raise ValueError(f"grey_step must be 'channels' or 'summed', got {cfg.grey_step!r}")
         if float(cfg.class_start_epochs) > 0 and cfg.noise_start != "class":
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
@@ -478,7 +478,8 @@ class MinMinProtector(AdditiveProtector):
         summed = grey is not None and self.config.grey_step == "summed"
         for _ in range(steps):
             g = self.noise_gradient(model, x, y, delta, rnd, draws)
-            g = grey_gradient(g, grey) if summed else g
+            # the shared value's gradient is the channels' sum; their mean (project_grey) has its sign
+            g = project_grey(g, grey) if summed else g
             delta = self.project(self.noise_step(delta, g), x, grey)
         return delta.detach()
 
