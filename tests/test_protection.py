@@ -143,7 +143,7 @@ def test_class_start_gives_each_class_one_starting_pattern(small_ds, tmp_path):
     again = ue.Protector.from_pretrained(start.save_pretrained(tmp_path / "p"))
     assert all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(rows.map(again, batched=True)["image"], protected["image"]))  # fmt: skip
-    with pytest.raises(ValueError, match="'uniform' or 'class'"):
+    with pytest.raises(ValueError, match=r"noise_start must be one of \('uniform', 'class'\)"):
         ue.SEMProtect(noise_start="classes")
     with pytest.raises(ValueError, match="needs class labels"):
         ue.MEMProtect(noise_start="class")

@@ -51,6 +51,7 @@ from ..surrogates import Surrogate, spec_as_config, to_fast_layout
 from ..surrogates.layer import check_surrogate_width
 
 GREY_STEPS = ("channels", "summed")  # how a grey image's shared noise steps (MinMinConfig.grey_step)
+NOISE_STARTS = ("uniform", "class")  # where an image's noise phase starts (MinMinConfig.noise_start)
 
 
 @dataclasses.dataclass
@@ -95,7 +96,8 @@ class MinMinConfig(AdditiveConfig):
                                         "image pixel and channel of the working grid, saved with it)")  # fmt: skip
     noise_start: str = option("uniform", "where each image's noise phase starts: 'uniform' (a fresh draw in the bound, "
                               "as the papers do) or 'class' (one seeded pattern per class, uniform in the bound, the "
-                              "same start for every image of the class; the noise steps then make it per image)")  # fmt: skip
+                              "same start for every image of the class; the noise steps then make it per image)",
+                              choices=NOISE_STARTS)  # fmt: skip
     class_start_epochs: float = option(0.0, "with noise_start='class': epochs of class-wise min-min steps that open the fit "
                                        "(ceil(epochs * images / train_batch_size) steps before the per-image ones; one noise "
                                        "per class, stepped on the sign of its images' summed gradient, as class-wise EM), so "
@@ -230,8 +232,6 @@ class MinMinProtector(AdditiveProtector):
                 raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
         check_non_negative(cfg, "momentum", "weight_decay", "adv_radius", "adv_step_size", "lr_decay", "class_start_epochs",
                            "clean_uniform_weight")  # fmt: skip
-        if cfg.noise_start not in ("uniform", "class"):
-            raise ValueError(f"noise_start must be 'uniform' or 'class', got {cfg.noise_start!r}")
         if float(cfg.class_start_epochs) > 0 and cfg.noise_start != "class":
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
