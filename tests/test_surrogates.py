@@ -237,6 +237,42 @@ def test_clean_uniform_weight_makes_the_surrogate_blind_to_clean_images(small_ds
         ue.EMProtect(clean_uniform_weight=-1)
 
 
+def test_clean_target_one_class_teaches_the_surrogate_one_class_for_every_clean_image(small_ds, tmp_path):
+    """clean_target='one-class': the surrogate learns the seeded class for every clean image (most clean images
+    go to it; a loss that ignored the option would leave them uniform or at their labels), the class is recorded
+    as a rule and survives save/load with the same bytes; refused without the weight and without labels."""
+    from uexamples.evaluation import dataset_to_tensors
+
+    settings = dict(FAST, surrogate="tinycnn", train_steps=30, seed=0, clean_uniform_weight=1.0)
+    x, _ = dataset_to_tensors(small_ds, 32)
+    prot = ue.EMProtect(clean_target="one-class", **settings).fit(small_ds, progress=False)
+    target = prot.clean_class()
+    assert 0 <= target < prot.num_classes
+    assert f"class index {target}" in prot.rules["clean_target"]
+    drawn = set()
+    for seed in range(5):  # the seed draws it
+        other = ue.EMProtect(clean_target="one-class", **dict(settings, seed=seed))
+        other.num_classes = prot.num_classes
+        drawn.add(other.clean_class())
+    assert len(drawn) > 1, drawn
+    uniform = ue.EMProtect(**settings).fit(small_ds, progress=False)
+    with torch.no_grad():
+        share = float((prot._model().eval()(x).argmax(-1) == target).float().mean())
+        share_uniform = float((uniform._model().eval()(x).argmax(-1) == target).float().mean())
+    assert share > 0.8 and share > share_uniform + 0.3, (share, share_uniform)  # measured 0.88 against 0.08
+    prot.save_pretrained(tmp_path / "one")
+    loaded = ue.Protector.from_pretrained(tmp_path / "one")
+    assert loaded.clean_class() == target
+    out, again = (small_ds.map(p, batched=True, load_from_cache_file=False) for p in (prot, loaded))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out["image"], again["image"]))
+    with pytest.raises(ValueError, match="clean_uniform_weight > 0"):
+        ue.SEMProtect(clean_target="one-class", clean_uniform_weight=0.0)
+    with pytest.raises(ValueError, match="clean_target must be one of"):
+        ue.SEMProtect(clean_target="one")
+    with pytest.raises(ValueError, match="needs class labels"):
+        ue.MEMProtect(clean_target="one-class", clean_uniform_weight=1.0)
+
+
 def test_clean_uniform_weight_blinds_contrastive_learners_to_clean_pairs():
     """The contrastive counterpart (MEM's surrogate, T2UE's joint learner): with the option the learner finds the
     clean images about as close to every caption as to their own (cross-entropy to uniform near its floor, log 16);

@@ -52,6 +52,7 @@ from ..surrogates.layer import check_surrogate_width
 
 GREY_STEPS = ("channels", "summed")  # how a grey image's shared noise steps (MinMinConfig.grey_step)
 NOISE_STARTS = ("uniform", "class")  # where an image's noise phase starts (MinMinConfig.noise_start)
+CLEAN_TARGETS = ("uniform", "one-class")  # what the surrogate learns on the clean fit images (MinMinConfig.clean_target)
 
 
 @dataclasses.dataclass
@@ -107,6 +108,11 @@ class MinMinConfig(AdditiveConfig):
                                          "uniformly (cross-entropy to the uniform distribution) on the clean fit "
                                          "images, so that only the noise can carry the class (a contrastive "
                                          "surrogate: the caption); 0: off (the papers)")  # fmt: skip
+    clean_target: str = option("uniform", "with clean_uniform_weight > 0, what the surrogate learns to answer on the clean "
+                               "fit images: 'uniform' (every class alike) or 'one-class' (one class, drawn from the "
+                               "seed, for every clean image, so that the noise of every other class must lead away "
+                               "from it: a victim then gives images without a shortcut to that one class rather than "
+                               "to a few it can tell apart)", choices=CLEAN_TARGETS)  # fmt: skip
     grey_step: str = option("channels", "how a noise step moves a grey image's noise (one value per pixel, shared by R, G "
                             "and B): 'channels' (each channel steps on its own gradient's sign, then the three are "
                             "averaged: a third of a step where their signs disagree) or 'summed' (the sign of the shared "
@@ -236,6 +242,10 @@ class MinMinProtector(AdditiveProtector):
             raise ValueError("class_start_epochs optimises the class patterns every image starts from: it needs noise_start='class'")
         if cfg.noise_start == "class" and not self.needs_labels:  # MEM's targets are captions, not classes
             raise ValueError(f"noise_start='class' needs class labels; {self.method} has none to start from")
+        if cfg.clean_target != "uniform" and not float(cfg.clean_uniform_weight) > 0:
+            raise ValueError(f"clean_target={cfg.clean_target!r} is what the clean images are taught with clean_uniform_weight > 0")
+        if cfg.clean_target == "one-class" and not self.needs_labels:
+            raise ValueError(f"clean_target='one-class' needs class labels; {self.method} has none")
         check_surrogate_width(cfg.surrogate, cfg.surrogate_width)
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
@@ -393,8 +403,17 @@ class MinMinProtector(AdditiveProtector):
 
     def uninformative_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``clean_uniform_weight``'s loss on the clean images' outputs: cross-entropy to the uniform
-        distribution over the classes (mean over rows), the surrogate telling nothing from the clean picture."""
+        distribution over the classes (mean over rows), the surrogate telling nothing from the clean picture;
+        with ``clean_target='one-class'`` cross-entropy to :meth:`clean_class` for every row."""
+        if self.config.clean_target == "one-class":
+            return F.cross_entropy(outputs, torch.full_like(targets, self.clean_class()))
         return -outputs.log_softmax(-1).mean()
+
+    def clean_class(self) -> int:
+        """The class ``clean_target='one-class'`` teaches the surrogate for every clean image: drawn from the
+        seed alone (its own stream), so a fit, its resumption and every process agree."""
+        gen = torch.Generator().manual_seed(int(self.config.seed) + 0xC1EA)
+        return int(torch.randint(self.num_classes, (1,), generator=gen))
 
     def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         """How many rows of a fit batch the surrogate gets right (its running accuracy; top-1 class)."""
@@ -553,6 +572,9 @@ class MinMinProtector(AdditiveProtector):
             raised = f"; cap {cfg.train_steps} raised to min_train_epochs={cfg.min_train_epochs:g}" if cap > cfg.train_steps else ""
             self._set_rule("fit_steps", f"{total} (train_epochs={cfg.train_epochs:g} over {n} images in batches of "
                                         f"{min(int(cfg.train_batch_size), n)}, within [{cfg.min_train_steps}, {cap}]{raised})")  # fmt: skip
+        if cfg.clean_target == "one-class":
+            self._set_rule("clean_target", f"the surrogate learns class index {self.clean_class()} (drawn from the seed) "
+                                           f"for every clean fit image")  # fmt: skip
         class_steps = self._runtime["class_start_steps"] = self._class_start_length(n)
         if class_steps:
             self._set_rule("class_start", f"{class_steps} class-wise steps open the fit (class_start_epochs="
