@@ -111,8 +111,8 @@ class MinMinConfig(AdditiveConfig):
     clean_target: str = option("uniform", "with clean_uniform_weight > 0, what the surrogate learns to answer on the clean "
                                "fit images: 'uniform' (every class alike) or 'one-class' (one class, drawn from the "
                                "seed, for every clean image, so that the noise of every other class must lead away "
-                               "from it: a victim then gives images without a shortcut to that one class rather than "
-                               "to a few it can tell apart)", choices=CLEAN_TARGETS)  # fmt: skip
+                               "from it and a victim should fall back on that one class for images without a "
+                               "shortcut; measured: on most fits, not all, benchmarks/README.md)", choices=CLEAN_TARGETS)  # fmt: skip
     grey_step: str = option("channels", "how a noise step moves a grey image's noise (one value per pixel, shared by R, G "
                             "and B): 'channels' (each channel steps on its own gradient's sign, then the three are "
                             "averaged: a third of a step where their signs disagree) or 'summed' (the sign of the shared "
