@@ -112,7 +112,7 @@ class MinMinConfig(AdditiveConfig):
                                "fit images: 'uniform' (every class alike) or 'one-class' (one class, drawn from the "
                                "seed, for every clean image, so that the noise of every other class must lead away "
                                "from it and a victim should fall back on that one class for images without a "
-                               "shortcut; measured: on most fits, not all, benchmarks/README.md)", choices=CLEAN_TARGETS)  # fmt: skip
+                               "shortcut; measured: 5 fits of 6 did, benchmarks/README.md)", choices=CLEAN_TARGETS)  # fmt: skip
     grey_step: str = option("channels", "how a noise step moves a grey image's noise (one value per pixel, shared by R, G "
                             "and B): 'channels' (each channel steps on its own gradient's sign, then the three are "
                             "averaged: a third of a step where their signs disagree) or 'summed' (the sign of the shared "
