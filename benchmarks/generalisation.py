@@ -230,6 +230,7 @@ def run(args) -> dict:
             px, _ = dataset_to_tensors(protected, res)
             row = {"fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
                    "fit_steps": (getattr(protector, "fit_stats", None) or {}).get("steps"),
+                   "rules": getattr(protector, "rules", None) or {},  # what the preset's rules decided for this data
                    # the surrogate's running accuracy on the noisy fit batches at the end: did the noise become a shortcut?
                    "fit_train_accuracy": (getattr(protector, "fit_stats", None) or {}).get("train_accuracy"),
                    "quality": dataset_quality(train, protected, "image", limit=200), "victims": {}}  # fmt: skip

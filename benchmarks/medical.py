@@ -106,7 +106,8 @@ def run(args) -> dict:
             protector = make_protector(method, args.preset, fit_seed)
             protected, fit_s, map_s = fit_and_map(protector, train, progress=not args.quiet, batch_size=256)
             fits.append({"seed": fit_seed, "fit_seconds": round(fit_s, 1), "map_seconds": round(map_s, 1),
-                         "fit_stats": getattr(protector, "fit_stats", None)})  # fmt: skip
+                         "fit_stats": getattr(protector, "fit_stats", None),
+                         "rules": protector.rules})  # what the preset's rules decided for this fit (e.g. a drawn class)
             if fit_seed == fit_seeds[0]:  # image quality and the mask check of the first fit
                 row = {"config": {k: v for k, v in protector.public_config().items() if k != "key"},
                        "quality": dataset_quality(train, protected, "image", limit=None)}  # fmt: skip
@@ -117,7 +118,7 @@ def run(args) -> dict:
         fit_s = float(np.mean([f["fit_seconds"] for f in fits]))
         map_s = float(np.mean([f["map_seconds"] for f in fits]))
         row.update(fit_seconds=round(fit_s, 1), map_seconds=round(map_s, 1), generation_seconds=round(fit_s + map_s, 1),
-                   fit_stats=fits[0]["fit_stats"], victims=summary(runs))  # fmt: skip
+                   fit_stats=fits[0]["fit_stats"], rules=fits[0]["rules"], victims=summary(runs))  # fmt: skip
         if args.fit_per_seed:
             row["fits"] = fits
         report["methods"][method] = row
