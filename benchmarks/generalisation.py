@@ -64,6 +64,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -189,6 +191,9 @@ def measured_clean(spec: str, arch: str, epochs: int, with_curves: bool = False)
 def run(args) -> dict:
     if args.diagnosis:
         print(diagnosis_table())
+        return {}
+    if args.figure:
+        print(figure())
         return {}
     if args.moved_noise_only and not (args.shuffle_noise or args.saturate_noise):
         raise SystemExit("--moved-noise-only needs --shuffle-noise within|next-class or --saturate-noise (else no victim would train)")
@@ -348,6 +353,92 @@ def table() -> str:
     return "\n".join(lines)
 
 
+PRESET_ROW = re.compile(r"^(sem|em|cuda)(\+seed=\d+)?$")  # a fast preset as it is today, one fit (or key) per seed
+SAME_AS_PRESET = {"cuda+filter_scale=auto": "cuda"}  # rows run with the preset's own value spelt out (key 0 at 64 px)
+
+
+def confirm_points() -> dict[tuple[str, str, str], list[float]]:
+    """Per confirm cell, preset and victim, each fit's score as the issue's target reads it: the fraction of the clean
+    victim's accuracy, or on a set of K < 10 classes the share of the margin above chance (its translated target)."""
+    rows: dict[tuple[str, str, str], tuple[dict, float]] = {}
+    for path in sorted(RESULTS.glob("generalisation*.json")):
+        for spec, e in json.loads(path.read_text())["variants"].items():
+            if e.get("suite") != "confirm":
+                continue
+            for method, m in e["methods"].items():
+                method = SAME_AS_PRESET.get(method, method)
+                match = PRESET_ROW.match(method)
+                for arch, v in m["victims"].items() if match else ():
+                    if arch in ("convnet", "resnet20") and arch in e["clean"]:
+                        rows[(spec, method, arch)] = (e, v["final"])  # a later file's re-run replaces the row
+    points: dict[tuple[str, str, str], list[float]] = {}
+    for (spec, method, arch), (e, final) in rows.items():
+        chance = 1 / classes_of(spec)
+        clean = e["clean"][arch]["final"]
+        score = final / clean if chance <= 0.1 else (final - chance) / (clean - chance)
+        points.setdefault((spec, PRESET_ROW.match(method).group(1), arch), []).append(score)
+    return points
+
+
+def classes_of(spec: str) -> int:
+    """Classes of a variant: ``@cK`` keeps the first K, every shared set of this suite has 10."""
+    found = re.search(r"@c(\d+)", spec)
+    return int(found.group(1)) if found else 10
+
+
+def cell_label(spec: str, e: dict) -> str:
+    """A short name for a confirm cell, from what the variant changes."""
+    words = [f"{e['size']} px {'grey' if e['mode'] in ('L', 'I;16') else e['mode']}", f"{e['train_images']:,} images"]
+    words += [w for step, w in (("@dark", "black surround"), ("@o", "second window"), ("@xtest", "test photos"), ("@I16", "16-bit"))
+              if step in spec]  # fmt: skip
+    if classes_of(spec) != 10:
+        words.append(f"{classes_of(spec)} classes")
+    return "\n".join(words)
+
+
+def figure() -> Path:
+    """benchmarks/results/generalisation_confirm.png: every confirm cell, the fast presets (SEM, EM, CUDA) against
+    each victim, one dot per fit or key and a bar at their mean, with the issue's target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = confirm_points()
+    entries = {}
+    for path in sorted(RESULTS.glob("generalisation*.json")):
+        for spec, e in json.loads(path.read_text())["variants"].items():
+            if e.get("suite") == "confirm":
+                entries[spec] = e
+    cells = sorted({spec for spec, _, _ in points}, key=lambda s: (entries[s]["size"], entries[s]["mode"] != "RGB", entries[s]["train_images"], s))
+    slots = [(m, a) for m in ("sem", "em", "cuda") for a in ("convnet", "resnet20")]
+    colours = {"sem": "tab:blue", "em": "tab:orange", "cuda": "tab:green"}
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(cells)), 4.6))
+    width = 0.8 / len(slots)
+    for i, spec in enumerate(cells):
+        for j, (method, arch) in enumerate(slots):
+            scores = points.get((spec, method, arch))
+            if not scores:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, np.mean(scores), width * 0.9, color=colours[method], alpha=0.35 if arch == "resnet20" else 0.7,
+                   hatch="//" if arch == "resnet20" else None, edgecolor=colours[method])  # fmt: skip
+            ax.plot([x] * len(scores), scores, "k.", markersize=4)
+        target = 0.25 if classes_of(spec) == 10 else 0.125
+        ax.plot([i - 0.45, i + 0.45], [target, target], "r-", linewidth=1.5)
+    ax.set_xticks(range(len(cells)), [cell_label(s, entries[s]) for s in cells], fontsize=7)
+    ax.set_ylabel("victim / clean victim\n(5 classes: share of the margin above chance)", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[m], alpha=0.7) for m in colours]
+    handles += [plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="grey", hatch="//"), plt.Line2D([], [], color="r")]
+    ax.legend(handles, ["SEM", "EM", "CUDA", "resnet20 victim (plain: convnet)", "target"], fontsize=7, ncol=5, loc="upper left")
+    ax.set_title("Fast presets on the confirm suite (never tuned on): one dot per fit or key, bars at the mean", fontsize=9)
+    fig.tight_layout()
+    out = RESULTS / "generalisation_confirm.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def class_names(base: str) -> list[str]:
     """The label names of a shared dataset (its test split's ClassLabel), or none."""
@@ -415,6 +506,8 @@ def main(argv=None) -> None:
     p.add_argument("--protect-at", type=int, default=0, metavar="N",
                    help="diagnostic: protect the images resized to N px, then enlarge them back (method 'none': resizes only)")
     p.add_argument("--diagnosis", action="store_true", help="print the table of the victims recorded with --monitor and exit")
+    p.add_argument("--figure", action="store_true",
+                   help="draw results/generalisation_confirm.png (the fast presets on the confirm suite, every fit) and exit")
     dispatch(p, run, table, argv)
 
 
