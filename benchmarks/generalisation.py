@@ -324,14 +324,20 @@ def protect(method: str, args, train: datasets.Dataset, res: int):
     return protector, each_image(protected, lambda im: im.resize((res, res), Image.BICUBIC), f"back to {res} px"), fit_s, map_s
 
 
+def results_variants():
+    """Every variant entry of every committed results file, in file order: (file name, variant spec, entry)."""
+    for path in sorted(RESULTS.glob("generalisation*.json")):
+        for spec, e in json.loads(path.read_text())["variants"].items():
+            yield path.name, spec, e
+
+
 def table() -> str:
     """One table per suite, every results file merged: a row per dataset and method, a column per victim."""
     rows: dict[str, dict] = {}
-    for path in sorted(RESULTS.glob("generalisation*.json")):
-        for spec, e in json.loads(path.read_text())["variants"].items():
-            for method, m in e["methods"].items():
-                # a later file replaces a row of the same victims (a re-run); other victims get their own row
-                rows.setdefault(e.get("suite", "tune"), {})[(spec, method, tuple(sorted(m["victims"])))] = (e, m, path.name)
+    for name, spec, e in results_variants():
+        for method, m in e["methods"].items():
+            # a later file replaces a row of the same victims (a re-run); other victims get their own row
+            rows.setdefault(e.get("suite", "tune"), {})[(spec, method, tuple(sorted(m["victims"])))] = (e, m, name)
     lines = []
     for suite in ("tune", "confirm"):
         if suite not in rows:
@@ -357,27 +363,29 @@ PRESET_ROW = re.compile(r"^(sem|em|cuda)(\+seed=\d+)?$")  # a fast preset as it 
 SAME_AS_PRESET = {"cuda+filter_scale=auto": "cuda"}  # rows run with the preset's own value spelt out (key 0 at 64 px)
 
 
-def confirm_points() -> dict[tuple[str, str, str], list[float]]:
+def confirm_points() -> tuple[dict[tuple[str, str, str], list[float]], dict[str, dict]]:
     """Per confirm cell, preset and victim, each fit's score as the issue's target reads it: the fraction of the clean
-    victim's accuracy, or on a set of K < 10 classes the share of the margin above chance (its translated target)."""
+    victim's accuracy, or on a set of K < 10 classes the share of the margin above chance (its translated target);
+    and each confirm cell's entry (size, mode, images) for the figure's labels."""
     rows: dict[tuple[str, str, str], tuple[dict, float]] = {}
-    for path in sorted(RESULTS.glob("generalisation*.json")):
-        for spec, e in json.loads(path.read_text())["variants"].items():
-            if e.get("suite") != "confirm":
-                continue
-            for method, m in e["methods"].items():
-                method = SAME_AS_PRESET.get(method, method)
-                match = PRESET_ROW.match(method)
-                for arch, v in m["victims"].items() if match else ():
-                    if arch in ("convnet", "resnet20") and arch in e["clean"]:
-                        rows[(spec, method, arch)] = (e, v["final"])  # a later file's re-run replaces the row
+    cells: dict[str, dict] = {}
+    for _, spec, e in results_variants():
+        if e.get("suite") != "confirm":
+            continue
+        cells[spec] = e
+        for method, m in e["methods"].items():
+            method = SAME_AS_PRESET.get(method, method)
+            match = PRESET_ROW.match(method)
+            for arch, v in m["victims"].items() if match else ():
+                if arch in ("convnet", "resnet20") and arch in e["clean"]:
+                    rows[(spec, method, arch)] = (e, v["final"])  # a later file's re-run replaces the row
     points: dict[tuple[str, str, str], list[float]] = {}
     for (spec, method, arch), (e, final) in rows.items():
         chance = 1 / classes_of(spec)
         clean = e["clean"][arch]["final"]
-        score = final / clean if chance <= 0.1 else (final - chance) / (clean - chance)
+        score = final / clean if classes_of(spec) == 10 else (final - chance) / (clean - chance)
         points.setdefault((spec, PRESET_ROW.match(method).group(1), arch), []).append(score)
-    return points
+    return points, cells
 
 
 def classes_of(spec: str) -> int:
@@ -404,12 +412,7 @@ def figure() -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = confirm_points()
-    entries = {}
-    for path in sorted(RESULTS.glob("generalisation*.json")):
-        for spec, e in json.loads(path.read_text())["variants"].items():
-            if e.get("suite") == "confirm":
-                entries[spec] = e
+    points, entries = confirm_points()
     cells = sorted({spec for spec, _, _ in points}, key=lambda s: (entries[s]["size"], entries[s]["mode"] != "RGB", entries[s]["train_images"], s))
     slots = [(m, a) for m in ("sem", "em", "cuda") for a in ("convnet", "resnet20")]
     colours = {"sem": "tab:blue", "em": "tab:orange", "cuda": "tab:green"}
@@ -453,27 +456,26 @@ def diagnosis_table() -> str:
     lines = ["| dataset | victim | epoch: test / train clean / train protected (%) | final test | most predicted classes (share of test) | file |",
              "|---|---|---|---:|---|---|"]  # fmt: skip
     shown = set()
-    for path in sorted(RESULTS.glob("generalisation*.json")):
-        for spec, e in json.loads(path.read_text())["variants"].items():
-            runs = [(f"clean {a}", v) for a, v in e["clean"].items()]
-            runs += [(f"{method} {a}", v) for method, m in e["methods"].items() for a, v in m["victims"].items()]
-            for who, v in runs:
-                if "curves" not in v or (spec, who) in shown and who.startswith("clean"):
-                    continue  # a clean victim reused by later files is shown once
-                shown.add((spec, who))
-                c = v["curves"]
-                epochs = len(c["test"])
-                marks = sorted({1, 2, 3, epochs // 2, epochs})
-                cells = ", ".join(
-                    f"{k}: {100 * c['test'][k - 1]:.0f} / {100 * c['clean_train'][k - 1]:.0f}"
-                    + (f" / {100 * c['protected_train'][k - 1]:.0f}" if "protected_train" in c else "")
-                    for k in marks
-                )
-                share = v.get("prediction_share") or []
-                top = sorted(range(len(share)), key=lambda k: -share[k])[:3]
-                names = class_names(spec.split("@")[0])
-                most = ", ".join(f"{names[k] if k < len(names) else k} {100 * share[k]:.0f} %" for k in top)
-                lines.append(f"| {spec} | {who} | {cells} | {100 * v['final']:.1f} % | {most} | `{path.name}` |")
+    for name, spec, e in results_variants():
+        runs = [(f"clean {a}", v) for a, v in e["clean"].items()]
+        runs += [(f"{method} {a}", v) for method, m in e["methods"].items() for a, v in m["victims"].items()]
+        for who, v in runs:
+            if "curves" not in v or (spec, who) in shown and who.startswith("clean"):
+                continue  # a clean victim reused by later files is shown once
+            shown.add((spec, who))
+            c = v["curves"]
+            epochs = len(c["test"])
+            marks = sorted({1, 2, 3, epochs // 2, epochs})
+            cells = ", ".join(
+                f"{k}: {100 * c['test'][k - 1]:.0f} / {100 * c['clean_train'][k - 1]:.0f}"
+                + (f" / {100 * c['protected_train'][k - 1]:.0f}" if "protected_train" in c else "")
+                for k in marks
+            )
+            share = v.get("prediction_share") or []
+            top = sorted(range(len(share)), key=lambda k: -share[k])[:3]
+            names = class_names(spec.split("@")[0])
+            most = ", ".join(f"{names[k] if k < len(names) else k} {100 * share[k]:.0f} %" for k in top)
+            lines.append(f"| {spec} | {who} | {cells} | {100 * v['final']:.1f} % | {most} | `{name}` |")
     return "\n".join(lines)
 
 

@@ -56,7 +56,6 @@ def test_generalisation_victim_columns_have_a_fixed_order(bench):
         assert len(victims) > 2 and victims[2:] == sorted(victims[2:])
 
 
-
 def test_confirm_figure_scores_each_fit_of_the_presets_against_the_issue_target(bench, tmp_path, monkeypatch):
     """The confirm figure's points: fraction of clean on 10 classes, share of the margin above chance on fewer;
     only today's preset rows (any fit seed), confirm cells only, and a later file's re-run replaces a row."""
@@ -74,7 +73,8 @@ def test_confirm_figure_scores_each_fit_of_the_presets_against_the_issue_target(
         "x@c5@n100": entry("confirm", 0.7, {"em": 0.25}),
         "x@n200": entry("tune", 0.8, {"sem": 0.1})}}))  # fmt: skip
     (tmp_path / "generalisation_b.json").write_text(json.dumps({"variants": {"x@n100": entry("confirm", 0.8, {"cuda": 0.4})}}))
-    points = gen.confirm_points()
+    points, cells = gen.confirm_points()
+    assert sorted(cells) == ["x@c5@n100", "x@n100"]  # the confirm cells only, for the figure's labels
     assert sorted(points) == [("x@c5@n100", "em", "convnet"), ("x@n100", "cuda", "convnet"), ("x@n100", "sem", "convnet")]
     assert sorted(points[("x@n100", "sem", "convnet")]) == pytest.approx([0.25, 0.5])  # two fits; the non-preset row left out
     assert points[("x@n100", "cuda", "convnet")] == pytest.approx([0.5])  # file b's re-run replaced file a's 0.3 / 0.8
