@@ -257,3 +257,28 @@ def test_fit_images_start_their_final_pass_from_the_noise_their_fit_built(pairs,
     assert all((a == b).all() for a, b in zip(_pixels(unseen.map(fitted, batched=True)), _pixels(unseen.map(kept, batched=True))))
     ours = _pixels(pairs.map(kept, batched=True))
     assert np.mean([(a != b).mean() for a, b in zip(ours, _pixels(mapped))]) > 0.1
+
+
+def test_trigger_words_let_triggers_use_words_no_caption_uses(tmp_path, pairs):
+    """trigger_words adds pseudo-words to the offline surrogate's vocabulary (the paper's HotFlip ranks CLIP's whole
+    vocabulary, mostly tokens no caption uses): the triggers then draw from them, the captions carry them, and a
+    saved protector finds the same words again. Catches the pool not built, built from the fit seed (another
+    vocabulary per fit), left out of the trigger candidates, or lost on save; 0 keeps the vocabulary as it was."""
+    from uexamples.surrogates.contrastive import caption_words, pseudo_words
+
+    caption_vocab = {w for c in pairs["caption"] for text in c for w in caption_words(text)}
+    plain = ue.MEMProtect(seed=0, text_triggers=3, **TINY_MEM).fit(pairs, progress=False)
+    pooled = ue.MEMProtect(seed=0, text_triggers=3, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)
+    plain_vocab, pooled_vocab = plain._runtime["surrogate"].tokenizer.vocabulary, pooled._runtime["surrogate"].tokenizer.vocabulary
+    assert pooled_vocab == plain_vocab + pseudo_words(200, caption_vocab) and not caption_vocab & set(pooled_vocab[len(plain_vocab):])
+    other_seed = ue.MEMProtect(seed=5, text_triggers=3, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)
+    assert other_seed._runtime["surrogate"].tokenizer.vocabulary == pooled_vocab
+    out = pairs.map(pooled, batched=True)
+    trigger_text = [c[0][: len(c[0]) - len(o[0])].split() for c, o in zip(out["caption"], pairs["caption"])]
+    pool = set(pooled_vocab[len(plain_vocab):])
+    assert sum(w in pool for t in trigger_text for w in t) > len(trigger_text)  # 200 of ~260 candidates: most slots
+    pooled.save_pretrained(tmp_path / "p")
+    assert pairs.map(ue.Protector.from_pretrained(tmp_path / "p"), batched=True)["caption"] == out["caption"]
+    assert ue.MEMProtect(seed=0, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)._runtime["surrogate"].tokenizer.vocabulary == plain_vocab
+    with pytest.raises(ValueError, match="trigger_words"):
+        ue.MEMProtect(text_triggers=3, trigger_words=-1)

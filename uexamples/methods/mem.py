@@ -79,6 +79,10 @@ class MEMConfig(MinMinConfig):
     text_triggers: int = option(0, "trigger words put before every caption of an image, bound to its noise (MEM's text "
                                 "triggers, 3-5 in the paper; HotFlip-optimised during the fit). 0: captions untouched")  # fmt: skip
     trigger_candidates: int = option(16, "HotFlip candidates tried per image and fit step")
+    trigger_words: int = option(0, "pseudo-words that no caption uses, added to the vocabulary of the offline "
+                                "conv-clip surrogate for the triggers to choose from, as the paper's HotFlip ranks "
+                                "CLIP's whole vocabulary (49,408 tokens, most of them in no caption); 0: caption "
+                                "words only. A transformers CLIP brings its own whole vocabulary")  # fmt: skip
     trigger_search: float = option(1.0, "fraction of the fit steps during which HotFlip updates the triggers; after "
                                    "that they stay fixed and the noise keeps binding to them (1: the whole fit)")  # fmt: skip
     persistent_noise: bool = option(True, "keep each fit image's noise from one visit to the next (the published MEM "
@@ -142,6 +146,7 @@ class MEMProtect(MinMinProtector):
         check_int(self.config, "map_negatives")
         check_int(self.config, "text_triggers", minimum=0)
         check_int(self.config, "trigger_candidates")
+        check_int(self.config, "trigger_words", minimum=0)
         if not 0 <= float(self.config.trigger_search) <= 1:
             raise ValueError(f"trigger_search must be a fraction of the fit in [0, 1], got {self.config.trigger_search!r}")
 
@@ -152,7 +157,8 @@ class MEMProtect(MinMinProtector):
     # ------------------------------------------------------------------ surrogate and targets
     def _build_surrogate(self, spec: Any, dataset: datasets.Dataset, columns: Columns) -> ContrastiveSurrogate:
         captions = dataset[columns.text]
-        return ContrastiveSurrogate.build(spec, captions, trust_remote_code=self.config.trust_remote_code)
+        extra = int(self.config.trigger_words) if self.config.text_triggers else 0
+        return ContrastiveSurrogate.build(spec, captions, trust_remote_code=self.config.trust_remote_code, extra_words=extra)
 
     def _tokens(self, captions: list[Any]) -> torch.Tensor:
         return encode_captions(self._runtime["surrogate"].tokenizer, captions, int(self.config.captions_per_image))

@@ -53,12 +53,47 @@ def caption_words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
+_CONSONANTS, _VOWELS = "bdfgjklmnprstvz", "aeiou"
+
+
+def pseudo_words(n: int, exclude: Iterable[str] = ()) -> list[str]:
+    """``n`` distinct pronounceable non-words of three consonant-vowel syllables (``"kotemu"``), none in
+    ``exclude``: the same list for the same arguments on every machine (a fixed draw, not the fit's seed).
+
+    >>> pseudo_words(3) == pseudo_words(3), len(set(pseudo_words(500))), all(len(w) == 6 for w in pseudo_words(5))
+    (True, 500, True)
+    """
+    import numpy as np
+
+    syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
+    space = len(syllables) ** 3
+    taken = set(exclude)
+    out: list[str] = []
+    for code in np.random.default_rng(20240808).permutation(space):  # a fixed order of all 421,875 words
+        if len(out) == n:
+            break
+        code = int(code)
+        word = syllables[code // len(syllables) ** 2] + syllables[(code // len(syllables)) % len(syllables)] + syllables[code % len(syllables)]
+        if word not in taken:
+            out.append(word)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} pseudo-words are free, {n} asked")
+    return out
+
+
 def caption_tokenizer(captions: Iterable[Any] | None = None, vocabulary: Sequence[str] | None = None,
-                      min_count: int = 1, max_words: int = 20_000, max_length: int = MAX_TOKENS):  # fmt: skip
+                      min_count: int = 1, max_words: int = 20_000, max_length: int = MAX_TOKENS,
+                      extra_words: int = 0):  # fmt: skip
     """A word-level ``PreTrainedTokenizerFast`` from the captions (or a saved ``vocabulary``): no download.
 
     Words seen at least ``min_count`` times (the ``max_words`` most frequent) get an id; others map to
-    ``[UNK]``. Every text becomes ``[BOS] words [EOS]``, at most ``max_length`` tokens.
+    ``[UNK]``. Every text becomes ``[BOS] words [EOS]``, at most ``max_length`` tokens. ``extra_words``
+    pseudo-words that no caption uses (:func:`pseudo_words`) follow the caption words: MEM's trigger words
+    may be any token of the vocabulary, and a real CLIP's has thousands that captions never use.
+
+    >>> tok = caption_tokenizer(["a dog runs"], extra_words=2)
+    >>> tok.vocabulary[4:] == ["a", "dog", "runs"] + pseudo_words(2, ["a", "dog", "runs"])
+    True
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
@@ -69,7 +104,7 @@ def caption_tokenizer(captions: Iterable[Any] | None = None, vocabulary: Sequenc
             raise ValueError("caption_tokenizer needs captions or a vocabulary")
         counts = Counter(w for text in _flat_captions(captions) for w in caption_words(text))
         words = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count][:max_words]
-        vocabulary = [PAD, UNK, BOS, EOS] + words
+        vocabulary = [PAD, UNK, BOS, EOS] + words + pseudo_words(extra_words, words)
     vocab = {w: i for i, w in enumerate(vocabulary)}
     if [vocab.get(t) for t in (PAD, UNK, BOS, EOS)] != [0, 1, 2, 3]:
         raise ValueError("a caption vocabulary starts with [PAD], [UNK], [BOS], [EOS]")
@@ -287,16 +322,17 @@ def rebuild_clip(desc: dict[str, Any]):
     raise ValueError(f"unknown contrastive surrogate description {kind!r}")
 
 
-def build_clip(spec: Any, captions: Iterable[Any] | None = None, trust_remote_code: bool = False):
+def build_clip(spec: Any, captions: Iterable[Any] | None = None, trust_remote_code: bool = False, extra_words: int = 0):
     """(model, tokenizer) of a contrastive surrogate: ``"conv-clip"`` (from scratch, vocabulary from
-    ``captions``), a CLIP Hub id or folder, or a ``PixelCLIP`` instance with a ``tokenizer`` attribute."""
+    ``captions`` and ``extra_words`` pseudo-words), a CLIP Hub id or folder, or a ``PixelCLIP`` instance with
+    a ``tokenizer`` attribute (those bring their own vocabulary: ``extra_words`` is not used)."""
     if isinstance(spec, PixelCLIP):
         tok = getattr(spec, "tokenizer", None)
         if tok is None:
             raise ValueError("a PixelCLIP surrogate instance needs a .tokenizer attribute")
         return spec, tok
     if spec == "conv-clip":
-        tok = caption_tokenizer(captions)
+        tok = caption_tokenizer(captions, extra_words=extra_words)
         return ConvCLIP(tok), tok
     if isinstance(spec, str) and spec:
         return load_transformers_clip(spec, trust_remote_code)
@@ -313,8 +349,9 @@ class ContrastiveSurrogate:
         self.model, self.tokenizer, self.desc = model, tokenizer, desc
 
     @classmethod
-    def build(cls, spec: Any, captions: Iterable[Any] | None = None, trust_remote_code: bool = False) -> "ContrastiveSurrogate":
-        model, tokenizer = build_clip(spec, captions, trust_remote_code)
+    def build(cls, spec: Any, captions: Iterable[Any] | None = None, trust_remote_code: bool = False,
+              extra_words: int = 0) -> "ContrastiveSurrogate":  # fmt: skip
+        model, tokenizer = build_clip(spec, captions, trust_remote_code, extra_words)
         desc = model.description() if not _is_instance_spec(spec) else {"kind": "module", "class": f"{type(spec).__module__}.{type(spec).__qualname__}"}
         return cls(model, tokenizer, desc)
 
@@ -438,5 +475,5 @@ def uniform_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, sc
 
 __all__ = [
     "ContrastiveSurrogate", "ConvCLIP", "PixelCLIP", "TransformersCLIP", "build_clip", "caption_tokenizer", "contrastive_loss",
-    "encode_captions", "fresh_transformers_clip", "train_clip", "uniform_contrastive_loss", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
+    "encode_captions", "fresh_transformers_clip", "pseudo_words", "train_clip", "uniform_contrastive_loss", "with_triggers", "load_transformers_clip", "rebuild_clip", "small_clip_config",
 ]  # fmt: skip
