@@ -282,3 +282,5 @@ def test_trigger_words_let_triggers_use_words_no_caption_uses(tmp_path, pairs):
     assert ue.MEMProtect(seed=0, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)._runtime["surrogate"].tokenizer.vocabulary == plain_vocab
     with pytest.raises(ValueError, match="trigger_words"):
         ue.MEMProtect(text_triggers=3, trigger_words=-1)
+    assert any("made-up words" in n for n in ue.MEMProtect.card_notes(pooled.public_config()))
+    assert not any("made-up words" in n for n in ue.MEMProtect.card_notes(plain.public_config()))

@@ -232,6 +232,9 @@ class MEMProtect(MinMinProtector):
                     "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
         changed = (f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
                    "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.")  # fmt: skip
+        if int(config.get("trigger_words") or 0):
+            changed += (" Trigger words may be made-up words that no caption uses (pseudo-words such as 'kotemu', added to "
+                        "the surrogate's vocabulary for the triggers to choose from).")  # fmt: skip
         search = float(config.get("trigger_search", 1.0))
         if search < 1:
             return [changed, f"The trigger words were searched during the first {100 * search:g} % of the fit and then kept. "
