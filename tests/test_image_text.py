@@ -267,7 +267,8 @@ def test_trigger_words_let_triggers_use_words_no_caption_uses(tmp_path, pairs):
     from uexamples.surrogates.contrastive import caption_words, pseudo_words
 
     caption_vocab = {w for c in pairs["caption"] for text in c for w in caption_words(text)}
-    plain = ue.MEMProtect(seed=0, text_triggers=3, **TINY_MEM).fit(pairs, progress=False)
+    assert ue.MEMProtect().config.trigger_words == ue.MEMProtect(preset="paper").config.trigger_words == 8192  # both presets
+    plain = ue.MEMProtect(seed=0, text_triggers=3, trigger_words=0, **TINY_MEM).fit(pairs, progress=False)
     pooled = ue.MEMProtect(seed=0, text_triggers=3, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)
     plain_vocab, pooled_vocab = plain._runtime["surrogate"].tokenizer.vocabulary, pooled._runtime["surrogate"].tokenizer.vocabulary
     assert pooled_vocab == plain_vocab + pseudo_words(200, caption_vocab) and not caption_vocab & set(pooled_vocab[len(plain_vocab):])
@@ -279,8 +280,8 @@ def test_trigger_words_let_triggers_use_words_no_caption_uses(tmp_path, pairs):
     assert sum(w in pool for t in trigger_text for w in t) > len(trigger_text)  # 200 of ~260 candidates: most slots
     pooled.save_pretrained(tmp_path / "p")
     assert pairs.map(ue.Protector.from_pretrained(tmp_path / "p"), batched=True)["caption"] == out["caption"]
-    assert ue.MEMProtect(seed=0, trigger_words=200, **TINY_MEM).fit(pairs, progress=False)._runtime["surrogate"].tokenizer.vocabulary == plain_vocab
+    assert ue.MEMProtect(seed=0, **TINY_MEM).fit(pairs, progress=False)._runtime["surrogate"].tokenizer.vocabulary == plain_vocab
     with pytest.raises(ValueError, match="trigger_words"):
         ue.MEMProtect(text_triggers=3, trigger_words=-1)
-    assert any("made-up words" in n for n in ue.MEMProtect.card_notes(pooled.public_config()))
-    assert not any("made-up words" in n for n in ue.MEMProtect.card_notes(plain.public_config()))
+    assert any("made-up words" in n and "0.34 and 0.36" in n for n in ue.MEMProtect.card_notes(pooled.public_config()))
+    assert not any("made-up words" in n or "0.34 and 0.36" in n for n in ue.MEMProtect.card_notes(plain.public_config()))

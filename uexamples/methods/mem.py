@@ -95,6 +95,7 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
     train_steps=4000, train_batch_size=128, lr=1e-4, weight_decay=0.1, lr_decay_every=100_000,
     noise_steps=8, eot_draws=1, step_size=1 / 255, final_noise_steps=8, final_eot_draws=1,
     final_from_fit_noise=True,  # the published loop returns noise[index], the noise the fit built
+    trigger_words=8192,  # its HotFlip ranks CLIP's whole vocabulary; the offline surrogate's is the captions' words
 )
 # CPU-sized (measured in benchmarks/README.md, "Image-caption protection"): the fit length follows the data
 # (20 epochs, 20 to 250 steps: 250 for Flickr's 800 pairs); AdamW as CLIP is trained (SGD barely moved the
@@ -107,10 +108,13 @@ PAPER = dict(  # the published setting: 8/255, step 1/255, 8 sign steps, no augm
 # The map's final pass starts from a fresh draw: starting a fit image's from the noise its fit built (as the
 # published loop outputs it; the paper preset does) did better on the three fits it was chosen on and missed
 # the 0.4 set for it on three fresh fits (0.41 / 0.41; same README, "The noise the fit built").
+# Triggers choose from 8,192 pseudo-words besides the caption words (the published HotFlip ranks CLIP's whole
+# vocabulary, mostly tokens no caption uses): over six fits 0.34 / 0.36 of the clean recall instead of 0.40 /
+# 0.38, three of them fresh fits after the rule was set (same README, "Trigger words no caption uses").
 FAST = dict(
     train_steps=250, train_epochs=20, min_train_steps=20, train_batch_size=64, lr=1e-3, weight_decay=0.1,
     lr_decay_every=100_000, noise_steps=5, eot_draws=2, step_size=2 / 255, final_noise_steps=20, final_eot_draws=2,
-    trigger_search=0.25,
+    trigger_search=0.25, trigger_words=8192,
 )
 
 
@@ -237,10 +241,15 @@ class MEMProtect(MinMinProtector):
                         "the surrogate's vocabulary for the triggers to choose from).")  # fmt: skip
         search = float(config.get("trigger_search", 1.0))
         if search < 1:
+            measured = ("the fast preset: 3 trigger words searched during the first 25 % among the caption words and 8,192 "
+                        "made-up words): over six fits the model kept 0.23-0.40 (image-to-text) and 0.27-0.41 (text-to-image) "
+                        "of its clean retrieval recall above chance, 0.34 and 0.36 on average"
+                        if int(config.get("trigger_words") or 0) else
+                        "3 trigger words searched during the first 25 % among the caption words only): over six fits the model "
+                        "kept 0.32-0.49 (image-to-text) and 0.34-0.44 (text-to-image) of its clean retrieval recall above "
+                        "chance, 0.40 and 0.38 on average")  # fmt: skip
             return [changed, f"The trigger words were searched during the first {100 * search:g} % of the fit and then kept. "
-                    "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, the fast preset: 3 trigger words "
-                    "searched during the first 25 %): over six fits the model kept 0.32-0.49 (image-to-text) and "
-                    "0.34-0.44 (text-to-image) of its clean retrieval recall above chance, 0.40 and 0.38 on average. "
+                    f"Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, {measured}. "
                     "Check it on your own data (uexamples evaluate)."]  # fmt: skip
         return [changed, "Measured (uexamples benchmarks, flickr8k-1k, a CLIP trained from scratch, 3 trigger words searched "
                 "through the whole fit): how much of its retrieval recall this removed varied from one fit of the protection "
