@@ -104,7 +104,7 @@ def caption_tokenizer(captions: Iterable[Any] | None = None, vocabulary: Sequenc
             raise ValueError("caption_tokenizer needs captions or a vocabulary")
         counts = Counter(w for text in _flat_captions(captions) for w in caption_words(text))
         words = [w for w, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count][:max_words]
-        vocabulary = [PAD, UNK, BOS, EOS] + words + pseudo_words(extra_words, words)
+        vocabulary = [PAD, UNK, BOS, EOS] + words + pseudo_words(extra_words, counts)  # none a caption word, kept or not
     vocab = {w: i for i, w in enumerate(vocabulary)}
     if [vocab.get(t) for t in (PAD, UNK, BOS, EOS)] != [0, 1, 2, 3]:
         raise ValueError("a caption vocabulary starts with [PAD], [UNK], [BOS], [EOS]")
