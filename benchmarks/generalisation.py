@@ -367,24 +367,26 @@ def confirm_points() -> tuple[dict[tuple[str, str, str], list[float]], dict[str,
     """Per confirm cell, preset and victim, each fit's score as the issue's target reads it: the fraction of the clean
     victim's accuracy, or on a set of K < 10 classes the share of the margin above chance (its translated target);
     and each confirm cell's entry (size, mode, images) for the figure's labels."""
-    rows: dict[tuple[str, str, str], tuple[dict, float]] = {}
+    rows: dict[tuple[str, str, str], tuple[str, float]] = {}  # (cell, preset row, victim) -> (preset, score)
     cells: dict[str, dict] = {}
     for _, spec, e in results_variants():
         if e.get("suite") != "confirm":
             continue
         cells[spec] = e
+        classes = classes_of(spec)
         for method, m in e["methods"].items():
             method = SAME_AS_PRESET.get(method, method)
             match = PRESET_ROW.match(method)
-            for arch, v in m["victims"].items() if match else ():
+            if not match:
+                continue
+            for arch, v in m["victims"].items():
                 if arch in ("convnet", "resnet20") and arch in e["clean"]:
-                    rows[(spec, method, arch)] = (e, v["final"])  # a later file's re-run replaces the row
+                    clean, chance = e["clean"][arch]["final"], 1 / classes
+                    score = v["final"] / clean if classes == 10 else (v["final"] - chance) / (clean - chance)
+                    rows[(spec, method, arch)] = (match.group(1), score)  # a later file's re-run replaces the row
     points: dict[tuple[str, str, str], list[float]] = {}
-    for (spec, method, arch), (e, final) in rows.items():
-        chance = 1 / classes_of(spec)
-        clean = e["clean"][arch]["final"]
-        score = final / clean if classes_of(spec) == 10 else (final - chance) / (clean - chance)
-        points.setdefault((spec, PRESET_ROW.match(method).group(1), arch), []).append(score)
+    for (spec, _, arch), (preset, score) in rows.items():
+        points.setdefault((spec, preset, arch), []).append(score)
     return points, cells
 
 

@@ -236,7 +236,8 @@ class MEMProtect(MinMinProtector):
                     "image it fell most of the way to chance. Treat this protection as weak against contrastive training."]  # fmt: skip
         changed = (f"Captions changed: {n} trigger words (MEM's text triggers) were put before every caption of each image; "
                    "the noise is bound to them, so that a model trained on these pairs learns the triggers rather than the pictures.")  # fmt: skip
-        if int(config.get("trigger_words") or 0):
+        pool = int(config.get("trigger_words") or 0)
+        if pool:
             changed += (" Trigger words may be made-up words that no caption uses (pseudo-words such as 'kotemu', added to "
                         "the surrogate's vocabulary for the triggers to choose from).")  # fmt: skip
         search = float(config.get("trigger_search", 1.0))
@@ -244,7 +245,7 @@ class MEMProtect(MinMinProtector):
             measured = ("the fast preset: 3 trigger words searched during the first 25 % among the caption words and 8,192 "
                         "made-up words): over six fits the model kept 0.23-0.40 (image-to-text) and 0.27-0.41 (text-to-image) "
                         "of its clean retrieval recall above chance, 0.34 and 0.36 on average"
-                        if int(config.get("trigger_words") or 0) else
+                        if pool else
                         "3 trigger words searched during the first 25 % among the caption words only): over six fits the model "
                         "kept 0.32-0.49 (image-to-text) and 0.34-0.44 (text-to-image) of its clean retrieval recall above "
                         "chance, 0.40 and 0.38 on average")  # fmt: skip

@@ -26,6 +26,7 @@ import re
 from collections import Counter
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,17 +64,15 @@ def pseudo_words(n: int, exclude: Iterable[str] = ()) -> list[str]:
     >>> pseudo_words(3) == pseudo_words(3), len(set(pseudo_words(500))), all(len(w) == 6 for w in pseudo_words(5))
     (True, 500, True)
     """
-    import numpy as np
-
     syllables = [c + v for c in _CONSONANTS for v in _VOWELS]
-    space = len(syllables) ** 3
+    base = len(syllables)
     taken = set(exclude)
     out: list[str] = []
-    for code in np.random.default_rng(20240808).permutation(space):  # a fixed order of all 421,875 words
+    for code in np.random.default_rng(20240808).permutation(base**3):  # a fixed order of all 421,875 words
         if len(out) == n:
             break
-        code = int(code)
-        word = syllables[code // len(syllables) ** 2] + syllables[(code // len(syllables)) % len(syllables)] + syllables[code % len(syllables)]
+        first, rest = divmod(int(code), base**2)
+        word = syllables[first] + syllables[rest // base] + syllables[rest % base]
         if word not in taken:
             out.append(word)
     if len(out) < n:
