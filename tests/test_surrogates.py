@@ -305,3 +305,40 @@ def test_clean_uniform_weight_blinds_contrastive_learners_to_clean_pairs():
         assert blind[1.0] < 3.3 < 4.5 < blind[0.0], (name, blind)
     with pytest.raises(ValueError, match="objective='joint'"):
         ue.T2UEProtect(objective="frozen", clean_uniform_weight=1.0)
+
+
+def test_decoy_class_keeps_random_noise_on_one_class(small_ds, tmp_path):
+    """decoy_class: the drawn class's images keep their uniform random start (it does not depend on the surrogate:
+    two fits of different length give those rows the same bytes, while every other class's noise differs, as an
+    engine that optimised the decoy rows too would make them differ); the class is recorded as a rule, the noise
+    stays in the bound, save/load gives the same bytes; refused without labels and for class-wise EM."""
+    settings = dict(FAST, surrogate="tinycnn", seed=0, decoy_class=True)
+    short, long = (ue.SEMProtect(**dict(settings, train_steps=n)).fit(small_ds, progress=False) for n in (4, 12))
+    decoy = short.clean_class()
+    assert long.clean_class() == decoy and f"class index {decoy}" in short.rules["decoy_class"]
+    labels = np.asarray(small_ds["label"])
+    assert 0 < (labels == decoy).sum() < len(labels)
+    a, b = (small_ds.map(p, batched=True, load_from_cache_file=False)["image"] for p in (short, long))
+    orig = [np.asarray(im, dtype=np.int16) for im in small_ds["image"]]
+    same = np.array([np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b)])
+    assert same[labels == decoy].all()
+    assert not same[labels != decoy].any()
+    for im, o in zip(a, orig):
+        d = np.abs(np.asarray(im, dtype=np.int16) - o)
+        assert d.max() <= 8
+    # the decoy rows are random noise: changed pixels spread over the bound's levels, not the optimised +-8 of a sign step
+    decoy_levels = np.concatenate([(np.asarray(im, dtype=np.int16) - o).ravel() for im, o, l in zip(a, orig, labels) if l == decoy])
+    assert (np.abs(decoy_levels) < 8).mean() > 0.5
+    short.save_pretrained(tmp_path / "decoy")
+    again = small_ds.map(ue.Protector.from_pretrained(tmp_path / "decoy"), batched=True, load_from_cache_file=False)["image"]
+    assert all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, again))
+    # drawn among the classes the fit images hold: a set with two of its label's ten classes gets one of those two
+    two = small_ds.filter(lambda row: row["label"] in (1, 2))
+    drawn = {ue.SEMProtect(**dict(settings, train_steps=1, seed=s)).fit(two, progress=False).clean_class() for s in range(6)}
+    assert drawn == {1, 2}, drawn
+    with pytest.raises(ValueError, match="at least two classes"):
+        ue.SEMProtect(**dict(settings, train_steps=1)).fit(small_ds.filter(lambda row: row["label"] == 1), progress=False)
+    with pytest.raises(ValueError, match="needs class labels"):
+        ue.MEMProtect(decoy_class=True)
+    with pytest.raises(ValueError, match="sample-wise"):
+        ue.EMProtect(noise_type="class-wise", decoy_class=True)

@@ -73,6 +73,8 @@ class EMProtect(MinMinProtector):
         super().validate_config()
         if self.class_wise and self.config.persistent_noise:
             raise ValueError("persistent_noise is for sample-wise noise: class-wise noise is kept through the fit already")
+        if self.class_wise and self.config.decoy_class:  # its noise is one pattern per class, not a noise phase per image
+            raise ValueError("decoy_class is for sample-wise noise")
         if self.class_wise and self.config.noise_start == "class":  # its one noise per class starts from a draw already
             raise ValueError("noise_start='class' is for sample-wise noise: class-wise noise is one pattern per class already")
 

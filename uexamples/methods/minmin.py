@@ -113,6 +113,10 @@ class MinMinConfig(AdditiveConfig):
                                "seed, for every clean image, so that the noise of every other class must lead away "
                                "from it and a victim should fall back on that one class for images without a "
                                "shortcut; measured: 5 fits of 6 did, benchmarks/README.md)", choices=CLEAN_TARGETS)  # fmt: skip
+    decoy_class: bool = option(False, "the images of one class (drawn from the seed, the class clean_target='one-class' "
+                               "uses) get uniform random noise in the bound, never optimised, at fit and at map; every "
+                               "other class gets the method's noise. A victim then learns 'no shortcut: that class' "
+                               "and sends images without one (real data) there (benchmarks/README.md, 'A decoy class')")  # fmt: skip
     grey_step: str = option("channels", "how a noise step moves a grey image's noise (one value per pixel, shared by R, G "
                             "and B): 'channels' (each channel steps on its own gradient's sign, then the three are "
                             "averaged: a third of a step where their signs disagree) or 'summed' (the sign of the shared "
@@ -246,6 +250,8 @@ class MinMinProtector(AdditiveProtector):
             raise ValueError(f"clean_target={cfg.clean_target!r} is what the clean images are taught with clean_uniform_weight > 0")
         if cfg.clean_target == "one-class" and not self.needs_labels:
             raise ValueError(f"clean_target='one-class' needs class labels; {self.method} has none")
+        if cfg.decoy_class and not self.needs_labels:
+            raise ValueError(f"decoy_class needs class labels; {self.method} has none")
         check_surrogate_width(cfg.surrogate, cfg.surrogate_width)
         if cfg.final_from_fit_noise and not cfg.persistent_noise:
             raise ValueError("final_from_fit_noise starts the final pass from the noise a fit kept for each image: "
@@ -322,8 +328,10 @@ class MinMinProtector(AdditiveProtector):
 
     def _fitted_meta(self) -> dict[str, Any]:
         res = self.working_resolution()
-        return {"surrogate": self._runtime["surrogate"].desc, "resolution": NATIVE if res is None else res,
-                "rules": self.rules}  # fmt: skip
+        meta = {"surrogate": self._runtime["surrogate"].desc, "resolution": NATIVE if res is None else res, "rules": self.rules}
+        if self._runtime.get("clean_class") is not None:  # drawn among the fit images' classes (clean_class)
+            meta["clean_class"] = int(self._runtime["clean_class"])
+        return meta
 
     def _choose_resolution(self, dataset: datasets.Dataset, image_column: str, indices: np.ndarray) -> None:
         """The resolution rule of the presets, decided on the fit images (recorded in :attr:`rules`).
@@ -388,7 +396,7 @@ class MinMinProtector(AdditiveProtector):
         surrogate = self.surrogate_class.rebuild(meta["surrogate"], arrays, self._module).to(self.device)
         surrogate.model.eval()
         self._runtime.update(surrogate=surrogate, arrays_cache=dict(arrays), resolution=meta.get("resolution"),
-                             rules=dict(meta.get("rules") or {}))  # fmt: skip
+                             rules=dict(meta.get("rules") or {}), clean_class=meta.get("clean_class"))  # fmt: skip
         if saved_keys:
             self._runtime["fit_keys"] = torch.from_numpy(np.array(saved_keys[0]))
         if levels is not None:
@@ -410,10 +418,17 @@ class MinMinProtector(AdditiveProtector):
         return -outputs.log_softmax(-1).mean()
 
     def clean_class(self) -> int:
-        """The class ``clean_target='one-class'`` teaches the surrogate for every clean image: drawn from the
-        seed alone (its own stream), so a fit, its resumption and every process agree."""
+        """The class ``clean_target='one-class'`` teaches the surrogate for every clean image, and the decoy class
+        (``decoy_class``): drawn from the seed alone (its own stream), so a fit, its resumption, every process and a
+        reloaded protector agree. A fit draws it among the classes its images hold (saved with the protector), so
+        a set that uses some of its label's classes never gets a decoy class without images."""
+        drawn = self._runtime.get("clean_class")
+        return int(drawn) if drawn is not None else self._draw_clean_class(range(self.num_classes))
+
+    def _draw_clean_class(self, classes: Sequence[int]) -> int:
+        classes = list(classes)
         gen = torch.Generator().manual_seed(int(self.config.seed) + 0xC1EA)
-        return int(torch.randint(self.num_classes, (1,), generator=gen))
+        return int(classes[int(torch.randint(len(classes), (1,), generator=gen))])
 
     def batch_correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> int:
         """How many rows of a fit batch the surrogate gets right (its running accuracy; top-1 class)."""
@@ -495,11 +510,15 @@ class MinMinProtector(AdditiveProtector):
     ) -> torch.Tensor:
         """K noise steps, each on the gradient averaged over J transformation draws, each projected."""
         summed = grey is not None and self.config.grey_step == "summed"
+        start = delta
         for _ in range(steps):
             g = self.noise_gradient(model, x, y, delta, rnd, draws)
             # the shared value's gradient is the channels' sum; their mean (project_grey) has its sign
             g = project_grey(g, grey) if summed else g
             delta = self.project(self.noise_step(delta, g), x, grey)
+        if self.config.decoy_class:  # the decoy class keeps its random start: no shortcut to learn there
+            held = (y == self.clean_class()).view(-1, *([1] * (delta.dim() - 1)))
+            delta = torch.where(held, start, delta)
         return delta.detach()
 
     def class_noise_phase(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, rnd) -> torch.Tensor:
@@ -572,6 +591,14 @@ class MinMinProtector(AdditiveProtector):
             raised = f"; cap {cfg.train_steps} raised to min_train_epochs={cfg.min_train_epochs:g}" if cap > cfg.train_steps else ""
             self._set_rule("fit_steps", f"{total} (train_epochs={cfg.train_epochs:g} over {n} images in batches of "
                                         f"{min(int(cfg.train_batch_size), n)}, within [{cfg.min_train_steps}, {cap}]{raised})")  # fmt: skip
+        if cfg.decoy_class or cfg.clean_target == "one-class":  # among the classes the fit images hold
+            present = torch.unique(y_all).tolist()
+            if cfg.decoy_class and len(present) < 2:
+                raise ValueError(f"decoy_class needs images of at least two classes; the fit images hold {len(present)}")
+            self._runtime["clean_class"] = self._draw_clean_class(present)
+        if cfg.decoy_class:
+            self._set_rule("decoy_class", f"the images of class index {self.clean_class()} (drawn from the seed) get "
+                                          f"uniform random noise in the bound, not optimised")  # fmt: skip
         if cfg.clean_target == "one-class":
             self._set_rule("clean_target", f"the surrogate learns class index {self.clean_class()} (drawn from the seed) "
                                            f"for every clean fit image")  # fmt: skip
