@@ -2,7 +2,7 @@
 
 The hashes were recorded with the code before the protocol rework (issue 11, commit 46c49b6; the
 persistent-noise SEM case on 2026-12-05, when SEM's fast preset took it up; the clean-uniform SEM case on
-2026-12-07, likewise) and must
+2026-12-07 and the decoy-class case on 2026-12-08, likewise) and must
 not move when the layers under the methods change: a refactor that alters one random draw, one
 rounding or the order of two steps changes them.
 
@@ -31,6 +31,7 @@ PINNED = {
     "sem": "bfca82d721b492e8",
     "sem-persistent": "b651ff217d102125",
     "sem-clean-uniform": "319987059ece8884",
+    "sem-decoy": "e5ce4bb2097a8c6e",
     "em": "60808391cf301637",
     "em-classwise": "b0bf410afa46adb6",
     "rem": "e0e8e7758428ca4a",
@@ -49,9 +50,10 @@ CASES = textwrap.dedent(
     TINY = dict(surrogate="tinycnn", train_steps=3, train_batch_size=32, noise_steps=2, eot_draws=2,
                 adv_steps=1, final_noise_steps=2, final_eot_draws=2)
     CASES = {
-        "sem": lambda: ue.SEMProtect(seed=0, persistent_noise=False, clean_uniform_weight=0.0, **TINY),  # the path pinned in 46c49b6
-        "sem-persistent": lambda: ue.SEMProtect(seed=0, clean_uniform_weight=0.0, **TINY),  # persistent noise (2026-12-05)
-        "sem-clean-uniform": lambda: ue.SEMProtect(seed=0, **TINY),  # the fast preset since 2026-12-07
+        "sem": lambda: ue.SEMProtect(seed=0, persistent_noise=False, clean_uniform_weight=0.0, decoy_class=False, **TINY),  # the path pinned in 46c49b6
+        "sem-persistent": lambda: ue.SEMProtect(seed=0, clean_uniform_weight=0.0, decoy_class=False, **TINY),  # persistent noise (2026-12-05)
+        "sem-clean-uniform": lambda: ue.SEMProtect(seed=0, clean_target="uniform", decoy_class=False, **TINY),  # the fast preset of 2026-12-07
+        "sem-decoy": lambda: ue.SEMProtect(seed=0, **TINY),  # the fast preset since 2026-12-08 (a decoy class)
         "em": lambda: ue.EMProtect(seed=1, **TINY),
         "em-classwise": lambda: ue.EMProtect(seed=2, noise_type="class-wise", **TINY),
         "rem": lambda: ue.REMProtect(seed=3, **TINY),

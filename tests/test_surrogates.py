@@ -267,6 +267,9 @@ def test_clean_target_one_class_teaches_the_surrogate_one_class_for_every_clean_
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out["image"], again["image"]))
     with pytest.raises(ValueError, match="clean_uniform_weight > 0"):
         ue.SEMProtect(clean_target="one-class", clean_uniform_weight=0.0)
+    # SEM's preset teaches one class; switching its clean loss off switches off what it teaches
+    assert ue.SEMProtect().config.clean_target == "one-class"
+    assert ue.SEMProtect(clean_uniform_weight=0.0).config.clean_target == "uniform"
     with pytest.raises(ValueError, match="clean_target must be one of"):
         ue.SEMProtect(clean_target="one")
     with pytest.raises(ValueError, match="needs class labels"):

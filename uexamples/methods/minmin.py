@@ -221,6 +221,8 @@ class MinMinProtector(AdditiveProtector):
     def __init__(self, preset: str = "fast", **kwargs: Any) -> None:
         if "train_steps" in kwargs and "train_epochs" not in kwargs:
             kwargs["train_epochs"] = None  # an explicit number of steps is the fit's exact length, whatever the preset's rule
+        if "clean_uniform_weight" in kwargs and not kwargs["clean_uniform_weight"] and "clean_target" not in kwargs:
+            kwargs["clean_target"] = "uniform"  # switching the clean loss off switches off what it teaches (SEM's preset: one class)
         super().__init__(preset=preset, **kwargs)
 
     def validate_config(self) -> None:

@@ -21,8 +21,10 @@ from .sem import PAPER as SEM_PAPER
 
 PAPER = dict(SEM_PAPER)  # same schedule as SEM; only the inner step differs
 # fresh noise at every fit visit, as measured (SEM's fast preset keeps it between visits; not measured for REM)
-# SEM's clean_uniform_weight (2026-12-07) was measured on SEM only: REM keeps the papers' model phase
-FAST = dict(SEM_FAST, train_steps=150, noise_steps=3, final_noise_steps=5, persistent_noise=False, clean_uniform_weight=0.0)
+# SEM's clean_uniform_weight (2026-12-07) and decoy class (2026-12-08) were measured on SEM only: REM keeps the
+# papers' model phase and optimises every class's noise
+FAST = dict(SEM_FAST, train_steps=150, noise_steps=3, final_noise_steps=5, persistent_noise=False, clean_uniform_weight=0.0,
+            clean_target="uniform", decoy_class=False)
 
 
 @register_method
