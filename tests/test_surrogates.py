@@ -332,6 +332,8 @@ def test_decoy_class_keeps_random_noise_on_one_class(small_ds, tmp_path):
     # the decoy rows are random noise: changed pixels spread over the bound's levels, not the optimised +-8 of a sign step
     decoy_levels = np.concatenate([(np.asarray(im, dtype=np.int16) - o).ravel() for im, o, l in zip(a, orig, labels) if l == decoy])
     assert (np.abs(decoy_levels) < 8).mean() > 0.5
+    assert any("decoy class" in n for n in ue.SEMProtect.card_notes(short.public_config()))
+    assert not any("decoy class" in n for n in ue.SEMProtect.card_notes(ue.SEMProtect(decoy_class=False).public_config()))
     short.save_pretrained(tmp_path / "decoy")
     again = small_ds.map(ue.Protector.from_pretrained(tmp_path / "decoy"), batched=True, load_from_cache_file=False)["image"]
     assert all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, again))

@@ -419,6 +419,13 @@ class MinMinProtector(AdditiveProtector):
             return F.cross_entropy(outputs, torch.full_like(targets, self.clean_class()))
         return -outputs.log_softmax(-1).mean()
 
+    @classmethod
+    def card_notes(cls, config: dict[str, Any]) -> list[str]:
+        return list(super().card_notes(config)) + (
+            ["One class (the decoy class, named in the rules below) carries uniform random noise within the same bound "
+             "instead of optimised noise: a model trained on this set learns that an image without a shortcut belongs "
+             "to that class, and gives real images to it."] if config.get("decoy_class") else [])  # fmt: skip
+
     def clean_class(self) -> int:
         """The class ``clean_target='one-class'`` teaches the surrogate for every clean image, and the decoy class
         (``decoy_class``): drawn from the seed alone (its own stream), so a fit, its resumption, every process and a

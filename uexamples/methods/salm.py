@@ -183,7 +183,7 @@ class SALMProtect(MinMinProtector):
     def card_notes(cls, config: dict[str, Any]) -> list[str]:
         ratio = float(config.get("mask_ratio", 0))
         native = config.get("resolution") == NATIVE
-        return [
+        return super().card_notes(config) + [
             f"Mask: rule `{config.get('mask_rule')}`, {100 * ratio:g} % of each image's pixels"
             + (f" (windows of {config.get('window')} px)" if config.get("mask_rule") == "local" else "") + ".",
             "Every pixel outside an image's mask is bit-identical to the original." if native else
