@@ -43,10 +43,12 @@ def test_protect_sem_on_a_grayscale_dataset_repo(tmp_path, grey_sample_repo):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 120 and summary["linf_levels"] <= 8
     # train_steps given: no fit-length rule; the resolution rule decided and is in the summary and the card
-    assert summary["rules"] == {"resolution": "native 32x32 (every fit image is 32x32, at most native_up_to=32 px; larger images: the 32 px grid)"}
+    assert set(summary["rules"]) == {"resolution", "clean_target", "decoy_class"}  # SEM's preset: a decoy class (2026-12-08)
+    assert summary["rules"]["resolution"] == "native 32x32 (every fit image is 32x32, at most native_up_to=32 px; larger images: the 32 px grid)"
     from uexamples.cards import render_card
 
-    assert "preset's rule, resolution: native 32x32" in render_card(summary, "someone/grey", license="mit")
+    card = render_card(summary, "someone/grey", license="mit")
+    assert "preset's rule, resolution: native 32x32" in card and "preset's rule, decoy class: the images of class index" in card
     ds = datasets.load_from_disk(str(out / "dataset"))
     assert ds[0]["image"].mode == "L"
     diff = np.abs(np.asarray(ds[0]["image"], int) - np.asarray(src[0]["image"], int))

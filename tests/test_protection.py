@@ -159,7 +159,8 @@ def test_class_start_epochs_optimise_the_patterns_every_image_starts_from(small_
     surrogate's loss instead of lowering it), the store not restarted from them, or patterns lost on save."""
     rows = small_ds.select(range(40))
     fit = dict(SMALL_FIT, train_steps=4, train_batch_size=20, final_noise_steps=2, persistent_noise=True)
-    p = ue.SEMProtect(seed=0, noise_start="class", class_start_epochs=10, **fit)
+    # the class patterns' mechanics, on SEM's preset of 2026-12-07 (a decoy class's rows would keep random noise)
+    p = ue.SEMProtect(seed=0, noise_start="class", class_start_epochs=10, clean_target="uniform", decoy_class=False, **fit)
     seen = {}
     original = p._fit_noise
 
@@ -266,7 +267,8 @@ def test_resolution_rule_works_small_images_natively_and_records_it(small_ds, tm
     grey28 = resized(small_ds.select(range(24)), 28, "L")
     p = ue.SEMProtect(**tiny).fit(grey28, progress=False)
     assert p.working_resolution() is None
-    assert p.rules == {"resolution": "native 28x28 (every fit image is 28x28, at most native_up_to=32 px; larger images: the 32 px grid)"}
+    assert p.rules["resolution"] == "native 28x28 (every fit image is 28x28, at most native_up_to=32 px; larger images: the 32 px grid)"
+    assert set(p.rules) == {"resolution", "clean_target", "decoy_class"}  # train_steps given: no fit-length rule
 
     def no_resizing(*args, **kwargs):
         raise AssertionError("an image or its noise was resized")
@@ -304,7 +306,7 @@ def test_grey_step_summed_steps_a_grey_images_shared_noise_on_its_own_gradient(s
     gradient's sign and averages them (a third of a step where the signs disagree); 'summed' takes the sign of the
     shared noise's gradient, the channels' sum: every pixel moves a full step, against that gradient."""
     grey_ds = small_ds.map(lambda r: {"image": r["image"].convert("L")})
-    protector = ue.SEMProtect(seed=0, **SMALL_FIT).fit(grey_ds, progress=False)
+    protector = ue.SEMProtect(seed=0, decoy_class=False, **SMALL_FIT).fit(grey_ds, progress=False)
     model = protector._model().eval()
     x, y = dataset_to_tensors(grey_ds)
     x = 0.25 + 0.5 * x  # no pixel at 0 or 1: the bound alone limits the step
